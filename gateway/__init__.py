@@ -1,0 +1,3 @@
+"""XDS-I.b / XCA-I imaging gateway."""
+
+__version__ = "0.1.0"

@@ -235,6 +235,9 @@ def from_dict(raw: dict[str, Any], base: Path, source: Path | None = None) -> Ga
                           f"(known: {', '.join(sorted([*_SECTIONS, 'communities']))})")
     sections = {name: _section(name, cls, raw.get(name, {}), base)
                 for name, cls in _SECTIONS.items()}
+    repo_dir = sections["repository"].directory
+    if not repo_dir.is_absolute():
+        sections["repository"] = RepositoryConfig(directory=base / repo_dir)
     if not sections["registry"].database:
         sections["registry"] = RegistryConfig(
             database=f"sqlite:///{base / 'var' / 'registry.db'}",

@@ -1,0 +1,103 @@
+"""The `xdsi-gateway` command: serve, pki, demo, check-config, version."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from gateway import __version__
+from gateway.config import ConfigError, load
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gateway.soap.server import serve
+
+    config = load(Path(args.config))
+    serve(config, "gateway.soap.application:app_factory")
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = load(Path(args.config))
+    print(f"{config.source}: OK (home community {config.community.home_community_id}, "
+          f"{len(config.communities)} remote communities)")
+    return 0
+
+
+def _pki(args: argparse.Namespace) -> int:
+    from gateway.security.pki import create_dev_pki
+
+    pki = create_dev_pki(Path(args.directory), hostnames=tuple(args.hostname or ["localhost"]))
+    print("DEVELOPMENT PKI - for demos and tests only, never for production.")
+    for label, path in (("CA certificate", pki.ca_cert), ("server certificate", pki.server_cert),
+                        ("server key", pki.server_key), ("client certificate", pki.client_cert),
+                        ("client key", pki.client_key)):
+        print(f"  {label:20} {path}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    return run_demo(workdir=Path(args.workdir) if args.workdir else None,
+                    port=args.port, keep_serving=args.serve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xdsi-gateway",
+        description="XDS-I.b / XCA-I imaging gateway (IHE ITI-18/41/42/43, RAD-69/75, "
+                    "ITI-38/39) over SOAP 1.2 with mutual TLS.")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="log level (patient data is logged at DEBUG only)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="serve the gateway (HTTPS, mutual TLS, worker processes)")
+    p.add_argument("--config", required=True, help="TOML configuration file")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("check-config", help="validate a configuration file and exit")
+    p.add_argument("--config", required=True, help="TOML configuration file")
+    p.set_defaults(func=_check_config)
+
+    p = sub.add_parser("pki", help="create a DEVELOPMENT CA with server and client "
+                                   "certificates (never for production)")
+    p.add_argument("directory", help="folder to write the PEM files to")
+    p.add_argument("--hostname", action="append",
+                   help="a DNS name for the server certificate (repeatable; "
+                        "default localhost)")
+    p.set_defaults(func=_pki)
+
+    p = sub.add_parser("demo", help="start a gateway on loopback, submit, query and "
+                                    "retrieve a report and a KOS manifest, print a summary")
+    p.add_argument("--serve", action="store_true",
+                   help="keep the gateway running afterwards and print its endpoints")
+    p.add_argument("--workdir", help="folder for the demo's PKI, configuration and data "
+                                     "(default: a new temporary folder)")
+    p.add_argument("--port", type=int, default=0, help="HTTPS port (default: a free one)")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("version", help="print the version")
+    p.set_defaults(func=lambda _args: print(__version__) or 0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

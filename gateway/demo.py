@@ -1,0 +1,300 @@
+"""`xdsi-gateway demo`: a gateway on loopback with its own development PKI, exercised end to end.
+
+It submits a sample radiology report and a KOS manifest built from pydicom's bundled CT image
+with ITI-41 (MTOM) over mutual TLS, finds them with ITI-18, retrieves them with ITI-43, checks
+the bytes and prints a summary. `--serve` then keeps the gateway running.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+from lxml import etree
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+
+from gateway.ebrim import build
+from gateway.ebrim.metadata import slot_value, unique_id
+from gateway.ebrim.model import AdhocQuery, DocumentRequest, RetrieveDocumentSetRequest, Slot
+from gateway.ebrim.parse import parse_adhoc_query_response, parse_retrieve_document_set_response
+from gateway.ebrim.render import (
+    render_adhoc_query_request,
+    render_retrieve_document_set_request,
+    render_submit_objects_request,
+)
+from gateway.imaging.kos import ManifestOptions, build_manifest
+from gateway.ns import XDSB, XOP, Action, AvailabilityStatus, ResponseStatus, StoredQuery, q
+from gateway.security.pki import DevPki, create_dev_pki
+from gateway.soap.client import SoapClient
+from gateway.transactions import Attachment
+
+HOME = "urn:oid:1.3.6.1.4.1.21367.2017.2.6.19"
+REPOSITORY = "1.3.6.1.4.1.21367.2017.2.3.19"
+IMAGING_SOURCE = "1.3.6.1.4.1.21367.2017.2.3.20"
+AUTHORITY = "1.3.6.1.4.1.21367.2005.13.20.1000"
+PATIENT = f"DEMO-0001^^^&{AUTHORITY}&ISO"
+ORG_ROOT = "1.3.6.1.4.1.21367.2017.2.99"  # demo uniqueIds live under this root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(workdir: Path, pki: DevPki, port: int) -> Path:
+    cfg = workdir / "gateway.toml"
+    cfg.write_text(f"""\
+# Written by `xdsi-gateway demo`: a loopback gateway with a development PKI.
+[server]
+host = "127.0.0.1"
+port = {port}
+workers = 2
+threads = 4
+
+[tls]
+certificate = "{pki.server_cert}"
+private_key = "{pki.server_key}"
+ca_bundle = "{pki.ca_cert}"
+
+[community]
+home_community_id = "{HOME}"
+repository_unique_id = "{REPOSITORY}"
+imaging_source_unique_id = "{IMAGING_SOURCE}"
+patient_id_assigning_authority = "{AUTHORITY}"
+
+[registry]
+database = "sqlite:///{workdir / 'var' / 'registry.db'}"
+
+[repository]
+directory = "{workdir / 'var' / 'repository'}"
+""")
+    return cfg
+
+
+@dataclass
+class RunningGateway:
+    process: subprocess.Popen[bytes]
+    base_url: str
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_gateway(config: Path, pki: DevPki, port: int, *, log_level: str = "WARNING",
+                  timeout: float = 30.0) -> RunningGateway:
+    """Start `xdsi-gateway serve` in a child process and wait until /health answers."""
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "--log-level", log_level,
+                             "serve", "--config", str(config)])
+    base = f"https://127.0.0.1:{port}"
+    session = requests.Session()
+    session.trust_env = False
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the gateway exited with status {proc.returncode} at start")
+        try:
+            r = session.get(base + "/health", verify=str(pki.ca_cert),
+                            cert=(str(pki.client_cert), str(pki.client_key)), timeout=2)
+            if r.status_code == 200:
+                return RunningGateway(proc, base)
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"the gateway did not answer on {base} within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def _codes() -> dict[str, build.CodeValue]:
+    return {
+        "report_class": build.CodeValue("REPORTS", "1.3.6.1.4.1.19376.1.2.6.1", "Reports"),
+        "image_class": build.CodeValue("IMAGES", "1.3.6.1.4.1.19376.1.2.6.1", "Images"),
+        "report_type": build.CodeValue("18748-4", "2.16.840.1.113883.6.1",
+                                       "Diagnostic imaging study"),
+        "text_format": build.CodeValue("urn:ihe:rad:TEXT", "1.3.6.1.4.1.19376.1.2.3",
+                                       "Radiology report text"),
+        "kos_format": build.CodeValue("1.2.840.10008.5.1.4.1.1.88.59", "1.2.840.10008.2.6.1",
+                                      "Key Object Selection Document"),
+        "normal": build.CodeValue("N", "2.16.840.1.113883.5.25", "normal"),
+        "facility": build.CodeValue("RADDX", "2.16.840.1.113883.5.10588",
+                                    "Radiology diagnostics or therapeutics unit"),
+        "practice": build.CodeValue("R-3027B", "SNOMED-RT", "Radiology"),
+        "ct": build.CodeValue("CT", "DCM", "Computed Tomography"),
+        "content": build.CodeValue("IMG", "1.3.6.1.4.1.21367.2017.3", "Imaging"),
+    }
+
+
+def sample_documents(workdir: Path) -> list[tuple[build.DocumentEntryValues, Path]]:
+    """A plain-text report and a KOS manifest of pydicom's CT_small image, as files."""
+    c = _codes()
+    ct = dcmread(get_testdata_file("CT_small.dcm"))
+    kos = build_manifest([ct], ManifestOptions(retrieve_location_uid=IMAGING_SOURCE,
+                                               issuer_of_patient_id=AUTHORITY,
+                                               patient_id="DEMO-0001"))
+    kos_path = workdir / "manifest.dcm"
+    buf = io.BytesIO()
+    kos.save_as(buf, enforce_file_format=True)
+    kos_path.write_bytes(buf.getvalue())
+    report_path = workdir / "report.txt"
+    report_path.write_text("CT HEAD WITHOUT CONTRAST\n\nFindings: no acute abnormality.\n"
+                           "Impression: normal study. (xdsi-gateway demo)\n")
+    stamp = time.strftime("%Y%m%d%H%M%S")
+    accession = f"ACC-{stamp}^^^&{ORG_ROOT}.1&ISO^urn:ihe:iti:xds:2013:accession"
+    study_ref = f"{ct.StudyInstanceUID}^^^^urn:ihe:iti:xds:2016:studyInstanceUID"
+    common = {"patient_id": PATIENT, "source_patient_id": f"LOCAL-77^^^&{ORG_ROOT}.2&ISO",
+              "confidentiality_code": c["normal"], "healthcare_facility_type_code":
+              c["facility"], "practice_setting_code": c["practice"], "creation_time": stamp,
+              "event_codes": (c["ct"],), "reference_ids": (accession, study_ref),
+              "authors": (build.Author(person="^Radiologist^Demo",
+                                       institutions=(f"Demo Hospital^^^^^^^^^{ORG_ROOT}",)),)}
+    report = build.DocumentEntryValues(
+        unique_id=f"{ORG_ROOT}.10.{stamp}.{os.getpid()}", mime_type="text/plain",
+        title="CT head report", class_code=c["report_class"], type_code=c["report_type"],
+        format_code=c["text_format"], **common)  # type: ignore[arg-type]
+    manifest = build.DocumentEntryValues(
+        unique_id=str(kos.SOPInstanceUID), mime_type="application/dicom",
+        title="CT head imaging manifest", class_code=c["image_class"],
+        type_code=c["report_type"], format_code=c["kos_format"],
+        **common)  # type: ignore[arg-type]
+    return [(report, report_path), (manifest, kos_path)]
+
+
+def provide_and_register_body(entries: list[tuple[build.DocumentEntryValues, Path]],
+                              set_unique_id: str) -> tuple[etree._Element, list[Attachment]]:
+    """An xds-b:ProvideAndRegisterDocumentSetRequest with one MTOM attachment per entry."""
+    c = _codes()
+    docs = tuple(build.document_entry(v) for v, _ in entries)
+    sub = build.submission(build.SubmissionSetValues(
+        unique_id=set_unique_id, source_id=ORG_ROOT, patient_id=PATIENT,
+        content_type_code=c["content"], title="xdsi-gateway demo submission"), docs)
+    root = etree.Element(q(XDSB, "ProvideAndRegisterDocumentSetRequest"),
+                         nsmap={"xdsb": XDSB, "xop": XOP})
+    root.append(render_submit_objects_request(sub))
+    attachments = []
+    for i, (entry, (_values, path)) in enumerate(zip(docs, entries, strict=True)):
+        cid = f"document{i}@xdsi-gateway-demo"
+        doc = etree.SubElement(root, q(XDSB, "Document"), id=entry.id)
+        etree.SubElement(doc, q(XOP, "Include"), href=f"cid:{cid}")
+        attachments.append(Attachment(cid, path, path.stat().st_size,
+                                      entry.mime_type or "application/octet-stream"))
+    return root, attachments
+
+
+def sha1(path: Path) -> str:
+    h = hashlib.sha1()  # noqa: S324 - XDS document hash is SHA-1 by definition
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def exercise(client: SoapClient, workdir: Path, say: Callable[[str], None]) -> bool:
+    """ITI-41 -> ITI-18 -> ITI-43 against a running gateway; True when every check passed."""
+    entries = sample_documents(workdir)
+    body, attachments = provide_and_register_body(
+        entries, f"{ORG_ROOT}.20.{time.strftime('%Y%m%d%H%M%S')}.{os.getpid()}")
+    reply = client.call("/xds/repository", Action.ITI41, body, attachments=attachments)
+    status = reply.body.get("status") if reply.body is not None else None
+    say(f"ITI-41 Provide and Register: {len(entries)} documents (report, KOS manifest) "
+        f"as MTOM -> {_short(status)}")
+    if status != ResponseStatus.SUCCESS:
+        say(etree.tostring(reply.envelope, pretty_print=True).decode())
+        return False
+
+    query = AdhocQuery(query_id=StoredQuery.FIND_DOCUMENTS, parameters=(
+        Slot("$XDSDocumentEntryPatientId", (f"'{PATIENT}'",)),
+        Slot("$XDSDocumentEntryStatus", (f"('{AvailabilityStatus.APPROVED}')",)),
+    ))
+    reply = client.call("/xds/registry", Action.ITI18, render_adhoc_query_request(query))
+    assert reply.body is not None
+    found = parse_adhoc_query_response(reply.body)
+    wanted = {v.unique_id for v, _ in entries}
+    found_entries = [o for o in found.objects if unique_id(o) in wanted]
+    say(f"ITI-18 FindDocuments for the demo patient -> {_short(found.status)}, "
+        f"{len(found.objects)} entries, {len(found_entries)} of ours")
+    if len(found_entries) != len(entries):
+        return False
+
+    requests_ = tuple(DocumentRequest(repository_unique_id=slot_value(o, "repositoryUniqueId")
+                                      or "", document_unique_id=unique_id(o) or "")
+                      for o in found_entries)
+    spool = Path(tempfile.mkdtemp(prefix="retrieve-", dir=workdir))
+    reply = client.call("/xds/repository", Action.ITI43,
+                        render_retrieve_document_set_request(
+                            RetrieveDocumentSetRequest(documents=requests_)),
+                        spool_dir=spool)
+    assert reply.body is not None
+    retrieved = parse_retrieve_document_set_response(reply.body, reply.attachments)
+    say(f"ITI-43 Retrieve Document Set (MTOM) -> {_short(retrieved.status)}, "
+        f"{len(retrieved.documents)} documents")
+    ok = len(retrieved.documents) == len(entries)
+    by_uid = {v.unique_id: p for v, p in entries}
+    for doc in retrieved.documents:
+        original = by_uid.get(doc.document_unique_id)
+        same = original is not None and sha1(original) == sha1(doc.path)
+        ok = ok and same
+        say(f"  {doc.mime_type:18} {doc.size:7} bytes  SHA-1 "
+            f"{sha1(doc.path)[:12]}…  {'identical' if same else 'DIFFERENT'}")
+    shutil.rmtree(spool, ignore_errors=True)
+    return ok
+
+
+def _short(status: str | None) -> str:
+    return (status or "no status").rsplit(":", 1)[-1]
+
+
+def run_demo(workdir: Path | None = None, port: int = 0, keep_serving: bool = False) -> int:
+    own_workdir = workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="xdsi-demo-")) if workdir is None else workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    pki = create_dev_pki(workdir / "pki")
+    config = write_config(workdir, pki, port)
+    print(f"xdsi-gateway demo: work folder {workdir}")
+    print(f"  development PKI (never for production) in {workdir / 'pki'}")
+    gateway = start_gateway(config, pki, port)
+    print(f"  gateway serving on {gateway.base_url} (mutual TLS, pid {gateway.process.pid})")
+    client = SoapClient(gateway.base_url, ca_bundle=pki.ca_cert, certificate=pki.client_cert,
+                        private_key=pki.client_key)
+    try:
+        ok = exercise(client, workdir, lambda line: print("  " + line))
+        print("demo: " + ("all checks passed" if ok else "FAILED"))
+        if keep_serving and ok:
+            print("\nThe gateway keeps running (Ctrl-C stops it). Endpoints:")
+            from gateway.transactions import ENDPOINTS
+            for e in ENDPOINTS:
+                print(f"  {gateway.base_url}{e.path:22} {e.title} (WSDL: ?wsdl)")
+            print(f"  {gateway.base_url}/health")
+            print(f"Client certificate: {pki.client_cert}\nClient key:         "
+                  f"{pki.client_key}\nCA:                 {pki.ca_cert}")
+            print(f"Configuration:      {config}")
+            try:
+                gateway.process.wait()
+            except KeyboardInterrupt:
+                pass
+        return 0 if ok else 1
+    finally:
+        client.close()
+        gateway.stop()
+        if own_workdir and not keep_serving:
+            shutil.rmtree(workdir, ignore_errors=True)

@@ -55,15 +55,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_config(workdir: Path, pki: DevPki, port: int) -> Path:
+def write_config(workdir: Path, pki: DevPki, port: int, *, workers: int = 2,
+                 max_request_bytes: int = 1 << 30, max_envelope_bytes: int = 64 << 20) -> Path:
+    """A loopback configuration with the development PKI, in `workdir`."""
     cfg = workdir / "gateway.toml"
     cfg.write_text(f"""\
 # Written by `xdsi-gateway demo`: a loopback gateway with a development PKI.
 [server]
 host = "127.0.0.1"
 port = {port}
-workers = 2
+workers = {workers}
 threads = 4
+max_request_bytes = {max_request_bytes}
+max_envelope_bytes = {max_envelope_bytes}
 
 [tls]
 certificate = "{pki.server_cert}"

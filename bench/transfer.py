@@ -1,0 +1,176 @@
+"""ITI-41 upload and ITI-43 retrieve of one large document over HTTPS with mutual TLS.
+
+Starts a gateway on loopback (2 worker processes), uploads a SIZE MB document with ITI-41 as
+MTOM, retrieves it with ITI-43 (MTOM), checks the bytes, and prints MB/s for each direction,
+a same-run baseline (the same bytes through a plain TLS socket copy: what the machine's TLS
+can do), and the peak RSS (VmHWM) of every gateway process. Figures only; no assertions.
+
+    .venv/bin/python bench/transfer.py [--size-mb 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gateway.demo import (  # noqa: E402
+    ORG_ROOT,
+    free_port,
+    provide_and_register_body,
+    sha1,
+    sample_documents,
+    start_gateway,
+    write_config,
+)
+from gateway.ebrim.model import DocumentRequest, RetrieveDocumentSetRequest  # noqa: E402
+from gateway.ebrim.parse import parse_retrieve_document_set_response  # noqa: E402
+from gateway.ebrim.render import render_retrieve_document_set_request  # noqa: E402
+from gateway.ns import Action, ResponseStatus  # noqa: E402
+from gateway.security.pki import create_dev_pki  # noqa: E402
+from gateway.security.tls import client_context, server_context  # noqa: E402
+from gateway.config import TlsConfig  # noqa: E402
+from gateway.soap.client import SoapClient  # noqa: E402
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def peak_rss_mb(pids: list[int]) -> dict[int, float]:
+    out = {}
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    out[p] = int(line.split()[1]) / 1024
+        except OSError:
+            pass
+    return out
+
+
+def make_file(path: Path, size: int) -> str:
+    h = hashlib.sha1()  # noqa: S324 - XDS hash
+    block = os.urandom(1 << 20)
+    with path.open("wb") as fh:
+        written = 0
+        while written < size:
+            chunk = block[: min(len(block), size - written)]
+            fh.write(chunk)
+            h.update(chunk)
+            written += len(chunk)
+    return h.hexdigest()
+
+
+def tls_baseline(pki, path: Path) -> float:  # type: ignore[no-untyped-def]
+    """MB/s of a plain mutual-TLS socket copy of the same file on loopback (the ceiling)."""
+    sctx = server_context(TlsConfig(certificate=pki.server_cert, private_key=pki.server_key,
+                                    ca_bundle=pki.ca_cert))
+    cctx = client_context(pki.ca_cert, pki.client_cert, pki.client_key)
+    lsock = socket.create_server(("127.0.0.1", 0))
+    port = lsock.getsockname()[1]
+    received = 0
+
+    def serve() -> None:
+        nonlocal received
+        conn, _ = lsock.accept()
+        with sctx.wrap_socket(conn, server_side=True) as s:
+            while data := s.recv(1 << 20):
+                received += len(data)
+
+    t = threading.Thread(target=serve)
+    t.start()
+    start = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port)) as raw, \
+            cctx.wrap_socket(raw, server_hostname="localhost") as s, path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            s.sendall(chunk)
+    t.join()
+    lsock.close()
+    return received / (1 << 20) / (time.perf_counter() - start)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size-mb", type=int, default=200)
+    args = ap.parse_args()
+    size = args.size_mb * (1 << 20)
+    work = Path(tempfile.mkdtemp(prefix="xdsi-bench-"))
+    try:
+        pki = create_dev_pki(work / "pki")
+        port = free_port()
+        config = write_config(work, pki, port, max_request_bytes=2 * size + (64 << 20))
+        gw = start_gateway(config, pki, port)
+        try:
+            client = SoapClient(gw.base_url, ca_bundle=pki.ca_cert,
+                                certificate=pki.client_cert, private_key=pki.client_key)
+            big = work / "big.bin"
+            digest = make_file(big, size)
+            baseline = tls_baseline(pki, big)
+
+            (report_values, _), _ = sample_documents(work)
+            body, attachments = provide_and_register_body(
+                [(report_values, big)], f"{ORG_ROOT}.30.{int(time.time())}")
+            start = time.perf_counter()
+            reply = client.call("/xds/repository", Action.ITI41, body, attachments=attachments)
+            up = time.perf_counter() - start
+            assert reply.body is not None
+            if reply.body.get("status") != ResponseStatus.SUCCESS:
+                print("ITI-41 failed:", reply.body.get("status"))
+                return 1
+
+            spool = work / "spool"
+            spool.mkdir()
+            req = render_retrieve_document_set_request(RetrieveDocumentSetRequest(documents=(
+                DocumentRequest(repository_unique_id="1.3.6.1.4.1.21367.2017.2.3.19",
+                                document_unique_id=report_values.unique_id),)))
+            start = time.perf_counter()
+            reply = client.call("/xds/repository", Action.ITI43, req, spool_dir=spool)
+            down = time.perf_counter() - start
+            assert reply.body is not None
+            result = parse_retrieve_document_set_response(reply.body, reply.attachments)
+            same = (len(result.documents) == 1
+                    and sha1(result.documents[0].path) == digest)
+            rss = peak_rss_mb(descendants(gw.process.pid))
+        finally:
+            gw.stop()
+        mb = size / (1 << 20)
+        print(f"document: {mb:.0f} MB, byte-exact after round trip: {same}")
+        print(f"baseline  mutual-TLS socket copy : {baseline:7.1f} MB/s")
+        print(f"ITI-41    upload (MTOM)          : {mb / up:7.1f} MB/s "
+              f"({mb / up / baseline:.2f} of baseline)")
+        print(f"ITI-43    retrieve (MTOM)        : {mb / down:7.1f} MB/s "
+              f"({mb / down / baseline:.2f} of baseline)")
+        print("gateway processes, peak RSS (VmHWM): " +
+              ", ".join(f"pid {p}: {v:.0f} MB" for p, v in sorted(rss.items())))
+        print(f"largest gateway process peak RSS: {max(rss.values()):.0f} MB")
+        return 0 if same else 1
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

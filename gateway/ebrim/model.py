@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway.errors import XdsError
 from gateway.ns import ObjectType
 
 
@@ -184,3 +185,51 @@ class RetrievedDocument:
     home_community_id: str | None = None
     new_repository_unique_id: str | None = None
     new_document_unique_id: str | None = None
+
+
+# --- Responses, as parsed by clients and tests (gateway.ebrim.parse) ---------------------------
+# (Added for the parse/render layer; the server side renders from status + XdsError values.)
+
+
+@dataclass(frozen=True)
+class RegistryResponse:
+    """rs:RegistryResponse: status and RegistryErrorList."""
+
+    status: str
+    errors: tuple[XdsError, ...] = ()
+    request_id: str | None = None
+
+
+@dataclass(frozen=True)
+class AdhocQueryResponse:
+    """query:AdhocQueryResponse: status, the objects (or ObjectRefs), errors."""
+
+    status: str
+    objects: tuple[Identifiable, ...] = ()
+    errors: tuple[XdsError, ...] = ()
+    start_index: int | None = None
+    total_result_count: int | None = None
+
+
+@dataclass(frozen=True)
+class DocumentResponseRef:
+    """One parsed xds-b:DocumentResponse: the ids, and either the Content-ID of the MTOM part
+    (`content_id`, no "cid:") or the inline bytes (`data`, small documents only)."""
+
+    repository_unique_id: str
+    document_unique_id: str
+    mime_type: str
+    home_community_id: str | None = None
+    new_repository_unique_id: str | None = None
+    new_document_unique_id: str | None = None
+    content_id: str | None = None
+    data: bytes | None = None
+
+
+@dataclass(frozen=True)
+class RetrieveDocumentSetResponse:
+    """xds-b:RetrieveDocumentSetResponse as parsed (clients and tests)."""
+
+    status: str
+    documents: tuple[DocumentResponseRef, ...] = ()
+    errors: tuple[XdsError, ...] = ()

@@ -1,0 +1,528 @@
+"""Streaming parser for multipart/related (MTOM/XOP) messages.
+
+Owns the MIME side of MTOM: Content-Type parameter parsing, the boundary scan, part headers,
+Content-Transfer-Encoding (binary, 8bit, 7bit; base64 decoded as it streams), and the lookup
+of attachments by Content-ID. The root part is kept in memory (bounded); every other part is
+written to a file as it arrives, so memory stays flat whatever the size of the attachments.
+Nothing here knows WSGI or SOAP: `gateway.soap.mtom` builds the middleware and the outbound
+side on top of it.
+
+Lenient where real peers differ (LF-only line ends, transport padding after a boundary, a
+preamble, an epilogue, quoted or bare parameters in any order and case) and strict on what
+makes a message ambiguous or unbounded (every limit raises `MultipartError`).
+"""
+
+from __future__ import annotations
+
+import binascii
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+from urllib.parse import quote, unquote
+
+from gateway.transactions import Attachment
+
+MAX_HEADER_BLOCK = 16 * 1024
+MAX_PARTS = 10_000
+MAX_PREAMBLE = 64 * 1024
+MAX_PADDING = 256  # transport padding (spaces, tabs) allowed after a boundary
+DEFAULT_CHUNK = 256 * 1024
+_LWSP = b" \t"
+
+
+class MultipartError(ValueError):
+    """A multipart message that cannot be accepted; `http_status` is 400 or 413."""
+
+    def __init__(self, reason: str, http_status: int = 400):
+        super().__init__(reason)
+        self.reason = reason
+        self.http_status = http_status
+
+
+class Readable(Protocol):
+    def read(self, size: int = ..., /) -> bytes: ...
+
+
+# --- Content-Type -------------------------------------------------------------------------
+
+def parse_content_type(value: str) -> tuple[str, dict[str, str]]:
+    """Split a Content-Type value into (lower-case media type, {lower-case name: value}).
+
+    Parameter values may be tokens or quoted strings (with backslash escapes, and containing
+    ';' or '='); parameters may come in any order. Malformed pieces are skipped.
+    """
+    i, n = 0, len(value)
+    semi = value.find(";")
+    media = (value if semi < 0 else value[:semi]).strip().lower()
+    params: dict[str, str] = {}
+    i = n if semi < 0 else semi + 1
+    while i < n:
+        while i < n and value[i] in " \t;":
+            i += 1
+        start = i
+        while i < n and value[i] not in "=;":
+            i += 1
+        name = value[start:i].strip().lower()
+        if i >= n or value[i] == ";":
+            continue  # a name without a value: ignore
+        i += 1  # '='
+        while i < n and value[i] in " \t":
+            i += 1
+        if i < n and value[i] == '"':
+            i += 1
+            out: list[str] = []
+            while i < n and value[i] != '"':
+                if value[i] == "\\" and i + 1 < n:
+                    i += 1
+                out.append(value[i])
+                i += 1
+            i += 1  # closing quote (or end)
+            val = "".join(out)
+            while i < n and value[i] != ";":
+                i += 1
+        else:
+            start = i
+            while i < n and value[i] != ";":
+                i += 1
+            val = value[start:i].strip()
+        if name:
+            params.setdefault(name, val)
+    return media, params
+
+
+def strip_cid(value: str) -> str:
+    """A Content-ID or cid: URL as a bare id: no 'cid:', no angle brackets, no blanks."""
+    v = value.strip()
+    if v[:4].lower() == "cid:":
+        v = v[4:]
+    v = v.strip()
+    if v.startswith("<") and v.endswith(">"):
+        v = v[1:-1].strip()
+    return v
+
+
+def _cid_key(value: str) -> str:
+    return unquote(strip_cid(value))
+
+
+class AttachmentMap(dict[str, Attachment]):
+    """Attachments by Content-ID (bare, as the sender wrote it).
+
+    Look-ups (`[]`, `get`, `in`) also accept 'cid:' URLs, angle brackets and the URL-encoded or
+    decoded form of the id, as xop:Include hrefs are URLs (RFC 2392) while Content-ID headers
+    are not.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._index: dict[str, str] = {_cid_key(k): k for k in self}
+
+    def __setitem__(self, key: str, value: Attachment) -> None:
+        super().__setitem__(key, value)
+        self._index[_cid_key(key)] = key
+
+    def __delitem__(self, key: str) -> None:
+        real = self._real_key(key)
+        if real is None:
+            raise KeyError(key)
+        super().__delitem__(real)
+        self._index.pop(_cid_key(real), None)
+
+    def _real_key(self, key: object) -> str | None:
+        if not isinstance(key, str):
+            return None
+        if dict.__contains__(self, key):
+            return key
+        for cand in (strip_cid(key), _cid_key(key), quote(_cid_key(key), safe="@.-_~!$&'()*+,;=:")):
+            if dict.__contains__(self, cand):
+                return cand
+        return self._index.get(_cid_key(key))
+
+    def __missing__(self, key: str) -> Attachment:
+        real = self._real_key(key)
+        if real is None:
+            raise KeyError(key)
+        return dict.__getitem__(self, real)
+
+    def __contains__(self, key: object) -> bool:
+        return self._real_key(key) is not None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        real = self._real_key(key)
+        return default if real is None else dict.__getitem__(self, real)
+
+
+def resolve_cid(attachments: Mapping[str, Attachment], href: str) -> Attachment | None:
+    """The attachment an xop:Include href ('cid:...') points to, or None."""
+    if isinstance(attachments, AttachmentMap):
+        return attachments.get(href)
+    want = _cid_key(href)
+    for key, att in attachments.items():
+        if key == href or _cid_key(key) == want:
+            return att
+    return None
+
+
+# --- Part sinks -----------------------------------------------------------------------------
+
+class _Sink(Protocol):
+    @property
+    def size(self) -> int: ...
+
+    def write(self, data: bytes | memoryview) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _MemorySink:
+    def __init__(self, limit: int, what: str):
+        self.buf = bytearray()
+        self.limit = limit
+        self.what = what
+        self.size = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            raise MultipartError(f"{self.what} exceeds max_envelope_bytes ({self.limit})", 413)
+        self.buf += data
+
+    def close(self) -> None:
+        pass
+
+
+class _FileSink:
+    def __init__(self, path: Path):
+        self.path = path
+        self.file: BinaryIO | None = open(path, "xb", buffering=0)
+        self.size = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        assert self.file is not None
+        self.size += len(data)
+        view = memoryview(data)
+        while view:
+            written = self.file.write(view)
+            if written is None:  # pragma: no cover - only for non-blocking files
+                continue
+            view = view[written:]
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+class _NullSink:
+    def __init__(self, limit: int, what: str):
+        self.size = 0
+        self.limit = limit
+        self.what = what
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            raise MultipartError(self.what)
+
+    def close(self) -> None:
+        pass
+
+
+class _Base64Sink:
+    """Decodes base64 as it streams and writes the bytes to another sink."""
+
+    _STRIP = b" \t\r\n"
+
+    def __init__(self, inner: _Sink):
+        self.inner = inner
+        self.pending = b""
+
+    @property
+    def size(self) -> int:
+        return self.inner.size
+
+    def write(self, data: bytes | memoryview) -> None:
+        text = self.pending + bytes(data).translate(None, self._STRIP)
+        n = len(text) // 4 * 4
+        self.pending = text[n:]
+        if n:
+            self.inner.write(self._decode(text[:n]))
+
+    def close(self) -> None:
+        if self.pending:
+            rest = self.pending + b"=" * (-len(self.pending) % 4)
+            self.pending = b""
+            self.inner.write(self._decode(rest))
+        self.inner.close()
+
+    @staticmethod
+    def _decode(text: bytes) -> bytes:
+        try:
+            return binascii.a2b_base64(text, strict_mode=False)
+        except binascii.Error as exc:
+            raise MultipartError(f"invalid base64 in a MIME part: {exc}") from None
+
+
+# --- The parser -----------------------------------------------------------------------------
+
+class _Parser:
+    def __init__(self, stream: Readable, boundary: bytes, *, content_length: int | None,
+                 max_total_bytes: int, chunk_size: int):
+        self.stream = stream
+        self.remaining = content_length
+        self.max_total = max_total_bytes
+        self.chunk = max(chunk_size, 1)
+        self.total = 0
+        self.eof = False
+        # The opening delimiter may start the body: a virtual CRLF before it lets one pattern
+        # ("\n--" boundary) find every delimiter.
+        self.buf = b"\r\n"
+        self.delim = b"\n--" + boundary
+
+    def fill(self) -> bool:
+        """Read more input into the buffer; False at the end of the input."""
+        if self.eof:
+            return False
+        want = self.chunk if self.remaining is None else min(self.chunk, self.remaining)
+        if want <= 0:
+            self.eof = True
+            return False
+        try:
+            data = self.stream.read(want)
+        except OSError as exc:
+            raise MultipartError(f"could not read the request body: {exc}") from None
+        if not data:
+            self.eof = True
+            if self.remaining:
+                raise MultipartError(
+                    f"request body truncated: {self.remaining} bytes short of Content-Length")
+            return False
+        self.total += len(data)
+        if self.total > self.max_total:
+            raise MultipartError(f"request body exceeds max_request_bytes ({self.max_total})",
+                                 413)
+        if self.remaining is not None:
+            self.remaining -= len(data)
+        self.buf = self.buf + data if self.buf else data
+        return True
+
+    def need(self, n: int) -> bool:
+        while len(self.buf) < n:
+            if not self.fill():
+                return False
+        return True
+
+    def read_part(self, sink: _Sink,
+                  eof_reason: str = "multipart body ends without its closing boundary") -> bool:
+        """Stream bytes up to the next delimiter into `sink`; consume the delimiter line.
+
+        Returns True when the delimiter was the closing one ("--boundary--").
+        """
+        pat = self.delim
+        plen = len(pat)
+        start = 0
+        while True:
+            idx = self.buf.find(pat, start)
+            if idx < 0:
+                # Keep back enough to hold a delimiter split across reads, plus its CR.
+                n = len(self.buf) - plen
+                if n > 0:
+                    sink.write(memoryview(self.buf)[:n])
+                    self.buf = self.buf[n:]
+                start = max(0, len(self.buf) - plen)
+                if not self.fill():
+                    raise MultipartError(eof_reason)
+                continue
+            after = idx + plen
+            self.need(after + 2)
+            if self.buf[after:after + 2] == b"--":
+                closing, nxt = True, after + 2
+            else:
+                closing, j = False, after
+                while self.need(j + 2) and self.buf[j] in _LWSP and j - after < MAX_PADDING:
+                    j += 1
+                if self.buf[j:j + 2] == b"\r\n":
+                    nxt = j + 2
+                elif self.buf[j:j + 1] == b"\n":
+                    nxt = j + 1
+                else:
+                    # "--boundary" followed by something else is data, not a delimiter.
+                    start = idx + 1
+                    continue
+            buf = self.buf
+            end = idx - 1 if idx > 0 and buf[idx - 1] == 0x0D else idx
+            if end > 0:
+                sink.write(memoryview(buf)[:end])
+            self.buf = buf[nxt:]
+            return closing
+
+    def read_headers(self) -> dict[str, str]:
+        """Read one part's header block (up to its blank line), unfolded, names lower-case."""
+        searched = 0
+        while True:
+            buf = self.buf
+            if buf.startswith(b"\r\n"):
+                self.buf = buf[2:]
+                return {}
+            if buf.startswith(b"\n"):
+                self.buf = buf[1:]
+                return {}
+            window = MAX_HEADER_BLOCK + 3
+            ends = [(i, len(sep)) for sep in (b"\n\r\n", b"\n\n")
+                    if (i := buf.find(sep, searched, window)) >= 0]
+            if ends:
+                i, seplen = min(ends)
+                if i + 1 > MAX_HEADER_BLOCK:
+                    raise MultipartError(
+                        f"a MIME part header block exceeds {MAX_HEADER_BLOCK} bytes")
+                block = buf[:i + 1]
+                self.buf = buf[i + seplen:]
+                return _parse_header_block(block)
+            if len(buf) > MAX_HEADER_BLOCK:
+                raise MultipartError(f"a MIME part header block exceeds {MAX_HEADER_BLOCK} bytes")
+            searched = max(0, len(buf) - 3)
+            if not self.fill():
+                raise MultipartError("multipart body ends inside a part's headers")
+
+
+def _parse_header_block(block: bytes) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    last: str | None = None
+    for raw in block.decode("latin-1").split("\n"):
+        line = raw.rstrip("\r")
+        if not line:
+            continue
+        if line[0] in " \t" and last is not None:
+            headers[last] += " " + line.strip()
+            continue
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise MultipartError("a MIME part header line has no ':'")
+        last = name.strip().lower()
+        if last in headers:
+            headers[last] += ", " + value.strip()
+        else:
+            headers[last] = value.strip()
+    return headers
+
+
+def multipart_boundary(content_type: str) -> bytes:
+    """The boundary of a multipart Content-Type, validated (RFC 2046: 1 to 70 characters)."""
+    _media, params = parse_content_type(content_type)
+    boundary = params.get("boundary", "")
+    if not boundary:
+        raise MultipartError("multipart Content-Type has no boundary parameter")
+    if len(boundary) > 200:
+        raise MultipartError("multipart boundary is longer than 200 characters")
+    try:
+        return boundary.encode("ascii")
+    except UnicodeEncodeError:
+        raise MultipartError("multipart boundary is not ASCII") from None
+
+
+def parse_multipart(stream: Readable, content_type: str, spool_dir: Path, *,
+                    max_envelope_bytes: int, max_total_bytes: int,
+                    content_length: int | None = None,
+                    chunk_size: int = DEFAULT_CHUNK) -> tuple[bytes, AttachmentMap]:
+    """Parse a multipart/related message from `stream` without holding attachments in memory.
+
+    Returns (root part bytes, attachments by Content-ID). The root part is the one whose
+    Content-ID is the `start` parameter, else the first part; it is held in memory up to
+    `max_envelope_bytes`. Every other part is written to a new file in `spool_dir` (which must
+    exist) and described by an `Attachment`. At most `max_total_bytes` are read; with
+    `content_length` exactly that many are expected (less is an error), without it the stream
+    is read to the closing boundary. Raises `MultipartError` for anything malformed or too
+    big; files already written stay in `spool_dir` for the caller to remove.
+    """
+    root, _root_type, attachments = parse_multipart_ex(
+        stream, content_type, spool_dir, max_envelope_bytes=max_envelope_bytes,
+        max_total_bytes=max_total_bytes, content_length=content_length, chunk_size=chunk_size)
+    return root, attachments
+
+
+def parse_multipart_ex(stream: Readable, content_type: str, spool_dir: Path, *,
+                       max_envelope_bytes: int, max_total_bytes: int,
+                       content_length: int | None = None,
+                       chunk_size: int = DEFAULT_CHUNK) -> tuple[bytes, str, AttachmentMap]:
+    """`parse_multipart`, also returning the root part's Content-Type (second item)."""
+    media, params = parse_content_type(content_type)
+    if not media.startswith("multipart/"):
+        raise MultipartError(f"not a multipart message: {media or 'no Content-Type'}", 415)
+    boundary = multipart_boundary(content_type)
+    start = strip_cid(params.get("start", ""))
+    start_key = unquote(start)
+    if content_length is not None and content_length > max_total_bytes:
+        raise MultipartError(f"request body exceeds max_request_bytes ({max_total_bytes})", 413)
+    parser = _Parser(stream, boundary, content_length=content_length,
+                     max_total_bytes=max_total_bytes, chunk_size=chunk_size)
+
+    # Preamble (normally empty) up to the opening delimiter.
+    if parser.read_part(_NullSink(MAX_PREAMBLE, "no opening multipart boundary found"),
+                        "no multipart boundary found in the body"):
+        raise MultipartError("multipart body has no parts")
+
+    root: bytes | None = None
+    root_type = ""
+    attachments = AttachmentMap()
+    count = 0
+    closed = False
+    while not closed:
+        count += 1
+        if count > MAX_PARTS:
+            raise MultipartError(f"multipart body has more than {MAX_PARTS} parts")
+        headers = parser.read_headers()
+        cid = strip_cid(headers.get("content-id", ""))
+        ctype = headers.get("content-type", "").strip() or "application/octet-stream"
+        cte = headers.get("content-transfer-encoding", "binary").strip().lower()
+        if cte not in ("binary", "8bit", "7bit", "base64"):
+            raise MultipartError(f"unsupported Content-Transfer-Encoding: {cte[:40]}")
+        is_root = root is None and ((not start and count == 1) or
+                                    (bool(start) and (cid == start or unquote(cid) == start_key)))
+        sink: _Sink
+        file_sink: _FileSink | None = None
+        if is_root:
+            mem = _MemorySink(max_envelope_bytes, "the root part (SOAP envelope)")
+            sink = mem
+        else:
+            if cid and cid in attachments:
+                raise MultipartError(f"duplicate Content-ID in multipart body: <{cid[:200]}>")
+            file_sink = _FileSink(spool_dir / f"part-{count:05d}.bin")
+            sink = file_sink
+        if cte == "base64":
+            sink = _Base64Sink(sink)
+        try:
+            closed = parser.read_part(sink)
+        finally:
+            sink.close()
+        if is_root:
+            root = bytes(mem.buf)
+            root_type = ctype
+        elif file_sink is not None:
+            if cid:
+                attachments[cid] = Attachment(cid, file_sink.path, file_sink.size, ctype)
+            else:  # a part nothing can reference
+                os.unlink(file_sink.path)
+    if content_length is not None:
+        # Read (and drop) any epilogue up to Content-Length: a short body is an error, and the
+        # connection is left at the end of this request.
+        parser.buf = b""
+        while parser.fill():
+            parser.buf = b""
+    if root is None:
+        raise MultipartError(
+            f"the root part <{start[:200]}> named by the start parameter is missing"
+            if start else "multipart body has no root part")
+    return root, root_type, attachments
+
+
+def iter_file(path: Path, size: int, chunk_size: int) -> Iterator[bytes]:
+    """Exactly `size` bytes of the file at `path`, in chunks; an error if it is shorter."""
+    with open(path, "rb", buffering=0) as f:
+        left = size
+        while left > 0:
+            data = f.read(min(chunk_size, left))
+            if not data:
+                raise OSError(f"{path.name} shrank while being sent ({left} bytes missing)")
+            left -= len(data)
+            yield data

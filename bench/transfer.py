@@ -23,23 +23,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.demo import (  # noqa: E402
+from gateway.config import TlsConfig
+from gateway.demo import (
     ORG_ROOT,
     free_port,
     provide_and_register_body,
-    sha1,
     sample_documents,
+    sha1,
     start_gateway,
     write_config,
 )
-from gateway.ebrim.model import DocumentRequest, RetrieveDocumentSetRequest  # noqa: E402
-from gateway.ebrim.parse import parse_retrieve_document_set_response  # noqa: E402
-from gateway.ebrim.render import render_retrieve_document_set_request  # noqa: E402
-from gateway.ns import Action, ResponseStatus  # noqa: E402
-from gateway.security.pki import create_dev_pki  # noqa: E402
-from gateway.security.tls import client_context, server_context  # noqa: E402
-from gateway.config import TlsConfig  # noqa: E402
-from gateway.soap.client import SoapClient  # noqa: E402
+from gateway.ebrim.model import DocumentRequest, RetrieveDocumentSetRequest
+from gateway.ebrim.parse import parse_retrieve_document_set_response
+from gateway.ebrim.render import render_retrieve_document_set_request
+from gateway.ns import Action, ResponseStatus
+from gateway.security.pki import create_dev_pki
+from gateway.security.tls import client_context, server_context
+from gateway.soap.client import SoapClient
 
 
 def descendants(pid: int) -> list[int]:
@@ -73,7 +73,7 @@ def peak_rss_mb(pids: list[int]) -> dict[int, float]:
 
 
 def make_file(path: Path, size: int) -> str:
-    h = hashlib.sha1()  # noqa: S324 - XDS hash
+    h = hashlib.sha1()
     block = os.urandom(1 << 20)
     with path.open("wb") as fh:
         written = 0
@@ -151,9 +151,10 @@ def main() -> int:
             reply = client.call("/xds/repository", Action.ITI43, req, spool_dir=spool)
             down = time.perf_counter() - start
             assert reply.body is not None
-            result = parse_retrieve_document_set_response(reply.body, reply.attachments)
-            same = (len(result.documents) == 1
-                    and sha1(result.documents[0].path) == digest)
+            result = parse_retrieve_document_set_response(reply.body)
+            path = (reply.attachment_path(result.documents[0].content_id)
+                    if len(result.documents) == 1 else None)
+            same = path is not None and sha1(path) == digest
             rss = peak_rss_mb(descendants(gw.process.pid))
         finally:
             gw.stop()

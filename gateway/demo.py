@@ -28,7 +28,13 @@ from pydicom.data import get_testdata_file
 
 from gateway.ebrim import build
 from gateway.ebrim.metadata import slot_value, unique_id
-from gateway.ebrim.model import AdhocQuery, DocumentRequest, RetrieveDocumentSetRequest, Slot
+from gateway.ebrim.model import (
+    AdhocQuery,
+    DocumentRequest,
+    ExtrinsicObject,
+    RetrieveDocumentSetRequest,
+    Slot,
+)
 from gateway.ebrim.parse import parse_adhoc_query_response, parse_retrieve_document_set_response
 from gateway.ebrim.render import (
     render_adhoc_query_request,
@@ -151,7 +157,7 @@ def _codes() -> dict[str, build.CodeValue]:
 def sample_documents(workdir: Path) -> list[tuple[build.DocumentEntryValues, Path]]:
     """A plain-text report and a KOS manifest of pydicom's CT_small image, as files."""
     c = _codes()
-    ct = dcmread(get_testdata_file("CT_small.dcm"))
+    ct = dcmread(str(get_testdata_file("CT_small.dcm")))
     kos = build_manifest([ct], ManifestOptions(retrieve_location_uid=IMAGING_SOURCE,
                                                issuer_of_patient_id=AUTHORITY,
                                                patient_id="DEMO-0001"))
@@ -233,7 +239,8 @@ def exercise(client: SoapClient, workdir: Path, say: Callable[[str], None]) -> b
     assert reply.body is not None
     found = parse_adhoc_query_response(reply.body)
     wanted = {v.unique_id for v, _ in entries}
-    found_entries = [o for o in found.objects if unique_id(o) in wanted]
+    found_entries = [o for o in found.objects
+                     if isinstance(o, ExtrinsicObject) and unique_id(o) in wanted]
     say(f"ITI-18 FindDocuments for the demo patient -> {_short(found.status)}, "
         f"{len(found.objects)} entries, {len(found_entries)} of ours")
     if len(found_entries) != len(entries):
@@ -248,17 +255,19 @@ def exercise(client: SoapClient, workdir: Path, say: Callable[[str], None]) -> b
                             RetrieveDocumentSetRequest(documents=requests_)),
                         spool_dir=spool)
     assert reply.body is not None
-    retrieved = parse_retrieve_document_set_response(reply.body, reply.attachments)
+    retrieved = parse_retrieve_document_set_response(reply.body)
     say(f"ITI-43 Retrieve Document Set (MTOM) -> {_short(retrieved.status)}, "
         f"{len(retrieved.documents)} documents")
     ok = len(retrieved.documents) == len(entries)
     by_uid = {v.unique_id: p for v, p in entries}
     for doc in retrieved.documents:
         original = by_uid.get(doc.document_unique_id)
-        same = original is not None and sha1(original) == sha1(doc.path)
+        path = reply.attachment_path(doc.content_id)
+        same = original is not None and path is not None and sha1(original) == sha1(path)
         ok = ok and same
-        say(f"  {doc.mime_type:18} {doc.size:7} bytes  SHA-1 "
-            f"{sha1(doc.path)[:12]}…  {'identical' if same else 'DIFFERENT'}")
+        size = path.stat().st_size if path else 0
+        say(f"  {doc.mime_type:18} {size:7} bytes  SHA-1 "
+            f"{sha1(path)[:12] if path else '-':12}…  {'identical' if same else 'DIFFERENT'}")
     shutil.rmtree(spool, ignore_errors=True)
     return ok
 

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 KOS_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
 
@@ -58,7 +58,7 @@ def build_manifest(instances: Sequence[Dataset], options: ManifestOptions) -> Da
 
     kos = Dataset()
     kos.file_meta = FileMetaDataset()
-    kos.file_meta.MediaStorageSOPClassUID = KOS_SOP_CLASS
+    kos.file_meta.MediaStorageSOPClassUID = UID(KOS_SOP_CLASS)
     kos.SOPInstanceUID = generate_uid()
     kos.file_meta.MediaStorageSOPInstanceUID = kos.SOPInstanceUID
     kos.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian

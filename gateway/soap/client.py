@@ -9,7 +9,7 @@ document in memory.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from lxml import etree
 
 from gateway.ebrim.xmlsafe import parse_xml
 from gateway.ns import SOAP12, WSA, q
-from gateway.soap.mtom import mtom_response, parse_multipart
+from gateway.soap.mtom import mtom_response, parse_multipart, resolve_cid
 from gateway.transactions import Attachment
 
 MAX_ENVELOPE_BYTES = 64 * 1024 * 1024
@@ -34,6 +34,11 @@ class SoapReply:
     @property
     def is_fault(self) -> bool:
         return self.body is not None and self.body.tag == q(SOAP12, "Fault")
+
+    def attachment_path(self, content_id: str | None) -> Path | None:
+        """The spooled file of the attachment an xop:Include named, if it arrived."""
+        found = resolve_cid(self.attachments, content_id) if content_id else None
+        return found.path if found is not None else None
 
 
 def envelope(action: str, to: str, body: etree._Element) -> tuple[bytes, str]:
@@ -53,6 +58,20 @@ def envelope(action: str, to: str, body: etree._Element) -> tuple[bytes, str]:
     t.text = to
     etree.SubElement(env, q(SOAP12, "Body")).append(body)
     return etree.tostring(env, xml_declaration=True, encoding="UTF-8"), message_id
+
+
+class _SizedBody:
+    """An iterable body with a length, so requests sends Content-Length, not chunked."""
+
+    def __init__(self, chunks: Iterable[bytes], length: int):
+        self._chunks = chunks
+        self._length = length
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._chunks)
 
 
 class SoapClient:
@@ -75,11 +94,11 @@ class SoapClient:
         url = self.base_url + path
         data, _message_id = envelope(action, url, body)
         headers = {}
+        payload: _SizedBody | bytes
         if attachments or force_mtom:
             content_type, length, chunks = mtom_response(data, attachments, soap_action=action)
             headers["Content-Type"] = content_type
-            headers["Content-Length"] = str(length)
-            payload: object = iter(chunks)
+            payload = _SizedBody(chunks, length)
         else:
             headers["Content-Type"] = f'application/soap+xml; charset=UTF-8; action="{action}"'
             payload = data

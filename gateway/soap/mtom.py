@@ -215,6 +215,10 @@ def _content_length(environ: dict[str, Any]) -> int | None:
     return int(raw)
 
 
+# A rejected request's body is read and discarded up to this size before the fault is sent.
+DRAIN_LIMIT = 64 * 1024 * 1024
+
+
 class MtomMiddleware:
     """WSGI middleware: MTOM requests in, plain SOAP plus spooled attachments to `app`.
 
@@ -240,6 +244,7 @@ class MtomMiddleware:
         except MultipartError as exc:
             return self._fault(start_response, exc)
         if length is not None and length > self.max_request_bytes:
+            self._drain(environ)
             return self._fault(start_response, MultipartError(
                 f"request body exceeds max_request_bytes ({self.max_request_bytes})", 413))
 
@@ -280,6 +285,7 @@ class MtomMiddleware:
             environ[ENV_SPOOL_DIR] = spool
         except MultipartError as exc:
             cleanup()
+            self._drain(environ)
             return self._fault(start_response, exc)
         except Exception:
             cleanup()
@@ -315,6 +321,23 @@ class MtomMiddleware:
             raise
         buf.seek(0)
         return buf, size
+
+    def _drain(self, environ: dict[str, Any]) -> None:
+        """Read and discard what is left of a rejected body (at most DRAIN_LIMIT bytes), so
+        that a client still sending can read the fault instead of a reset connection. A
+        larger rest is not read: the server answers and closes."""
+        stream = environ.get("wsgi.input")
+        if stream is None:
+            return
+        left = DRAIN_LIMIT
+        try:
+            while left > 0:
+                data = stream.read(min(self.chunk_size, left))
+                if not data:
+                    return
+                left -= len(data)
+        except (OSError, ValueError):
+            return
 
     @staticmethod
     def _fault(start_response: StartResponse, exc: MultipartError) -> list[bytes]:

@@ -22,7 +22,7 @@ from zeep.plugins import HistoryPlugin
 from gateway.ns import RIM, AvailabilityStatus, ResponseStatus, StoredQuery
 from tests.conftest import CONFORMANCE
 from tests.support.xsd import assert_valid
-from tests.support.zeep_client import mtls_session, official_client
+from tests.support.zeep_client import call_with_element, mtls_session, official_client
 
 pytestmark = pytest.mark.integration
 
@@ -48,6 +48,7 @@ def kos_pairs() -> list[tuple[Path, Path]]:
 
 
 PAIRS = kos_pairs()
+NO_COMMENTS = etree.XMLParser(remove_comments=True, resolve_entities=False, no_network=True)
 
 
 def _fresh_set_unique_id(metadata: etree._Element) -> None:
@@ -73,7 +74,13 @@ def clients(live_gateway):  # type: ignore[no-untyped-def]
         "reg": reg.create_service(REGISTRY_BINDING, live_gateway.base_url + "/xds/registry"),
         "repo_client": repo,
         "history": history,
+        "base_url": live_gateway.base_url,
     }
+
+
+def values(*texts: str) -> dict[str, list[dict[str, str]]]:
+    """A rim:ValueList as zeep takes it (a repeated sequence of Value)."""
+    return {"_value_1": [{"Value": t} for t in texts]}
 
 
 def _last_body(history: HistoryPlugin) -> etree._Element:
@@ -89,7 +96,7 @@ def test_pairs_found() -> None:
 
 @pytest.mark.parametrize("metadata_path,kos_path", PAIRS, ids=[m.stem for m, _ in PAIRS])
 def test_nist_kos_submission_roundtrip(clients, metadata_path: Path, kos_path: Path) -> None:  # type: ignore[no-untyped-def]
-    metadata = etree.parse(str(metadata_path)).getroot()
+    metadata = etree.parse(str(metadata_path), NO_COMMENTS).getroot()
     _fresh_set_unique_id(metadata)
     entries = list(metadata.iter(f"{{{RIM}}}ExtrinsicObject"))
     assert len(entries) == 1
@@ -101,11 +108,11 @@ def test_nist_kos_submission_roundtrip(clients, metadata_path: Path, kos_path: P
     kos = kos_path.read_bytes()
 
     # ITI-41 by zeep from the official repository WSDL.
-    repo_client = clients["repo_client"]
-    sor_type = repo_client.get_element(f"{{{LCM}}}SubmitObjectsRequest")
-    sor = sor_type.parse(metadata, repo_client.wsdl.types)
-    result = clients["repo"]["DocumentRepository_ProvideAndRegisterDocumentSet-b"](
-        SubmitObjectsRequest=sor,
+    result = call_with_element(
+        clients["repo_client"], REPOSITORY_BINDING,
+        clients["base_url"] + "/xds/repository",
+        "DocumentRepository_ProvideAndRegisterDocumentSet-b", metadata,
+        SubmitObjectsRequest={"RegistryObjectList": {}},
         Document=[{"id": entry.get("id"), "_value_1": kos}])
     assert_valid(_last_body(clients["history"]))
     assert result.status == ResponseStatus.SUCCESS, result
@@ -115,9 +122,9 @@ def test_nist_kos_submission_roundtrip(clients, metadata_path: Path, kos_path: P
     found = clients["reg"].DocumentRegistry_RegistryStoredQuery(
         ResponseOption={"returnType": "LeafClass", "returnComposedObjects": True},
         AdhocQuery={"id": StoredQuery.FIND_DOCUMENTS, "Slot": [
-            {"name": "$XDSDocumentEntryPatientId", "ValueList": {"Value": [f"'{patient_id}'"]}},
+            {"name": "$XDSDocumentEntryPatientId", "ValueList": values(f"'{patient_id}'")},
             {"name": "$XDSDocumentEntryStatus",
-             "ValueList": {"Value": [f"('{AvailabilityStatus.APPROVED}')"]}},
+             "ValueList": values(f"('{AvailabilityStatus.APPROVED}')")},
         ]})
     body = _last_body(clients["history"])
     assert_valid(body)

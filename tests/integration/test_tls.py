@@ -9,8 +9,10 @@ Two smaller servers check the optional-certificate and plain-HTTP modes and a gr
 
 from __future__ import annotations
 
+import signal
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -181,10 +183,13 @@ def test_server_keeps_serving_after_refusals(server: RunningServer, pki: TestPki
 def test_several_worker_processes_answer(server: RunningServer, pki: TestPki) -> None:
     pids = set()
     for _ in range(100):
-        pids.add(get_subject(server, pki, pki.client).json()["pid"])
+        answer = get_subject(server, pki, pki.client).json()
+        assert answer["factory_pid"] == answer["pid"]  # the app was built after the fork
+        pids.add(answer["pid"])
         if len(pids) > 1:
             break
     assert len(pids) == 2  # [server] workers = 2 in write_config
+    assert server.process.pid not in pids
 
 
 def test_big_streamed_response_is_complete(server: RunningServer, pki: TestPki) -> None:
@@ -224,7 +229,26 @@ def test_optional_client_certificate_mode(pki: TestPki, tmp_path: Path) -> None:
         # An offered certificate is still verified.
         assert_refused(running, raw_context(pki, cert=pki.other))
         assert get_subject(running, pki, None).status_code == 200
-        assert running.stop() == 0  # SIGTERM: graceful exit, status 0
+
+
+def test_sigterm_lets_the_request_in_flight_finish(pki: TestPki, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "gateway.toml", pki.dev, workers=1)
+    total = 48 * 1024 * 1024
+    received: list[int] = []
+    with run_server(config, APP) as running, session() as s, \
+            s.get(running.base_url + f"/big?bytes={total}", verify=str(pki.dev.ca_cert),
+                  cert=pki.client, stream=True, timeout=30) as r:
+        chunks = r.iter_content(256 * 1024)
+        first = next(chunks)  # the response has started
+        running.process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)  # the master is stopping while we read slowly
+        count = len(first)
+        for chunk in chunks:
+            count += len(chunk)
+            time.sleep(0.002)
+        received.append(count)
+        assert running.process.wait(timeout=15) == 0  # graceful exit, status 0
+    assert received == [total]
 
 
 def test_plain_http_mode_warns_and_serves(tmp_path: Path) -> None:
@@ -234,5 +258,5 @@ def test_plain_http_mode_warns_and_serves(tmp_path: Path) -> None:
         with session() as s:
             r = s.get(running.base_url + "/subject", timeout=10)
         assert r.status_code == 200
-        assert r.json() == {"subject": None, "pid": r.json()["pid"], "scheme": "http"}
+        assert r.json()["subject"] is None and r.json()["scheme"] == "http"
         assert "PLAIN HTTP" in running.log()

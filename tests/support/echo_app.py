@@ -1,6 +1,7 @@
 """A trivial WSGI application factory for server tests.
 
-GET /subject  -> JSON {"subject": environ["xdsi.client_subject"], "pid": ..., "scheme": ...}
+GET /subject  -> JSON {"subject": environ["xdsi.client_subject"], "pid": ...,
+                 "factory_pid": <process that called app_factory>, "scheme": ...}
 GET /big?bytes=N -> N bytes streamed in 64 KiB chunks with an exact Content-Length; byte i is
                     i % 251, so the client can check every byte.
 """
@@ -33,11 +34,13 @@ def _chunks(total: int) -> Iterator[bytes]:
 
 
 def app_factory(config: GatewayConfig) -> Any:
+    factory_pid = os.getpid()  # the server builds the app in each worker, after the fork
+
     def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if path == "/subject":
             body = json.dumps({"subject": environ.get("xdsi.client_subject"),
-                               "pid": os.getpid(),
+                               "pid": os.getpid(), "factory_pid": factory_pid,
                                "scheme": environ.get("wsgi.url_scheme")}).encode()
             start_response("200 OK", [("Content-Type", "application/json"),
                                       ("Content-Length", str(len(body)))])

@@ -4,7 +4,11 @@ middleware and the gunicorn settings derived from the configuration."""
 from __future__ import annotations
 
 import dataclasses
+import socket
 import ssl
+import threading
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,9 +20,13 @@ from gateway.soap.server import (
     ClientCertMiddleware,
     GatewayServer,
     gunicorn_options,
+    main,
     resolve_factory,
 )
 from tests.support.pki import CLIENT_SUBJECT, TestPki, make_test_pki
+from tests.support.server import write_config
+
+APP = "tests.support.echo_app:app_factory"
 
 
 @pytest.fixture(scope="module")
@@ -209,3 +217,55 @@ def test_resolve_factory() -> None:
     with pytest.raises(AttributeError):
         resolve_factory("tests.support.echo_app:nothing")
 
+
+
+def test_stalled_handshake_times_out(pki: TestPki) -> None:
+    ctx = server_context(tls_config(pki), handshake_timeout=0.2)
+    server_end, client_end = socket.socketpair()
+    with server_end, client_end:
+        client_end.sendall(b"\x16\x03")  # the start of a ClientHello, then nothing
+        started = time.monotonic()
+        with pytest.raises(ssl.SSLError) as info:
+            ctx.wrap_socket(server_end, server_side=True, do_handshake_on_connect=False)
+        assert info.value.args[0] == ssl.SSL_ERROR_EOF
+        assert time.monotonic() - started < 2
+
+
+def test_handshake_completes_and_socket_is_blocking_again(pki: TestPki) -> None:
+    server = server_context(tls_config(pki), handshake_timeout=5)
+    client = client_context(pki.dev.ca_cert, pki.dev.client_cert, pki.dev.client_key)
+    server_end, client_end = socket.socketpair()
+    with server_end, client_end:
+        result: dict[str, Any] = {}
+
+        def connect() -> None:
+            with client.wrap_socket(client_end, server_hostname="localhost") as tls:
+                tls.sendall(b"hello")
+                result["reply"] = tls.recv(5)
+
+        thread = threading.Thread(target=connect)
+        thread.start()
+        tls = server.wrap_socket(server_end, server_side=True, do_handshake_on_connect=False)
+        assert tls.gettimeout() is None
+        assert peer_subject(tls) == CLIENT_SUBJECT
+        assert tls.recv(5) == b"hello"
+        tls.sendall(b"world")
+        thread.join(5)
+        tls.close()
+    assert result["reply"] == b"world"
+
+
+def test_main_refuses_bad_arguments_before_serving(pki: TestPki, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path / "gateway.toml", pki.dev)
+    assert main(["--config", str(config), "--app", "tests.support.echo_app:nothing"]) == 2
+    assert "nothing" in capsys.readouterr().err
+    assert main(["--config", str(config), "--app", APP, "--port", "70000"]) == 2
+    assert "--port" in capsys.readouterr().err
+    assert main(["--config", str(tmp_path / "missing.toml"), "--app", APP]) == 2
+    assert "not found" in capsys.readouterr().err
+    broken = write_config(tmp_path / "broken.toml", pki.dev)
+    broken.write_text(broken.read_text().replace(str(pki.dev.server_key),
+                                                 str(pki.other_client_key)))
+    assert main(["--config", str(broken), "--app", APP]) == 2  # key does not match the cert
+    assert "[tls]" in capsys.readouterr().err

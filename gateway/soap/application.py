@@ -1,0 +1,330 @@
+"""The gateway's WSGI application: HTTP routing in front, spyne behind for SOAP.
+
+Owns `make_app()` (services -> WSGI callable), `app_factory()` (configuration -> the same,
+wrapped in the MTOM middleware; what gateway.soap.server runs in each worker) and the call of
+a transaction's handler (`SoapEdge.dispatch`): building the `RequestContext`, importing the
+handler named in gateway.transactions, turning an escaped `XdsFailure` into the transaction's
+Failure response and any other exception into an env:Receiver fault that leaks nothing.
+
+Routing by PATH_INFO: `POST <endpoint>` -> SOAP through the endpoint's spyne application
+(gateway.soap.protocol); `GET <endpoint>?wsdl` and `?xsd=NAME` -> gateway.soap.wsdl;
+`GET /health` -> gateway.soap.health; unknown path -> 404, wrong method -> 405.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
+
+from lxml import etree
+
+from gateway.errors import SoapFault, SoapFaultCode, XdsError, XdsFailure
+from gateway.ns import Action, ResponseStatus
+from gateway.soap.envelope import (
+    FAULT_ACTION,
+    FaultReport,
+    fault_envelope,
+    http_status_line,
+    soap_content_type,
+    to_bytes,
+)
+from gateway.soap.health import HEALTH_PATH, health_document
+from gateway.soap.protocol import (
+    EXCHANGE_KEY,
+    EdgeFault,
+    Exchange,
+    MtomWriter,
+    build_spyne_app,
+    exchange_of,
+)
+from gateway.transactions import (
+    ENDPOINTS,
+    Endpoint,
+    Handler,
+    RequestContext,
+    SoapResponse,
+    Transaction,
+)
+
+if TYPE_CHECKING:
+    from gateway.config import GatewayConfig
+
+log = logging.getLogger("gateway.soap")
+
+StartResponse = Callable[..., Any]
+WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+
+DEFAULT_MAX_ENVELOPE_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024 * 1024
+
+_QUERY_RESPONSES = frozenset({Action.ITI18_RESPONSE, Action.ITI38_RESPONSE})
+_RETRIEVE_RESPONSES = frozenset({Action.ITI43_RESPONSE, Action.ITI39_RESPONSE,
+                                 Action.RAD69_RESPONSE, Action.RAD75_RESPONSE})
+
+
+def failure_body(transaction: Transaction, errors: Sequence[XdsError]) -> etree._Element:
+    """The response element of `transaction` with status Failure and `errors`:
+    query:AdhocQueryResponse for ITI-18/38, xds-b:RetrieveDocumentSetResponse for
+    ITI-43/39 and RAD-69/75, rs:RegistryResponse otherwise (ITI-41/42)."""
+    from gateway.ebrim import render
+
+    status = ResponseStatus.FAILURE
+    if transaction.response_action in _QUERY_RESPONSES:
+        return render.render_adhoc_query_response(status, (), errors)
+    if transaction.response_action in _RETRIEVE_RESPONSES:
+        return render.render_retrieve_document_set_response(
+            status, (), errors, content_id_for=lambda _d: "")
+    return render.render_registry_response(status, errors)
+
+
+class _ClosingBody:
+    """The response iterable handed to the server; `close()` also runs `on_close`."""
+
+    def __init__(self, inner: Iterable[bytes], on_close: Callable[[], None]):
+        self._inner = inner
+        self._on_close = on_close
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._inner)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._inner, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._on_close()
+
+
+def _plain(start_response: StartResponse, status: int, text: str,
+           allow: str | None = None) -> list[bytes]:
+    body = (text + "\n").encode("utf-8")
+    headers = [("Content-Type", "text/plain; charset=utf-8"),
+               ("Content-Length", str(len(body)))]
+    if allow:
+        headers.append(("Allow", allow))
+    start_response(http_status_line(status), headers)
+    return [body]
+
+
+def _base_url(environ: dict[str, Any]) -> str:
+    scheme = environ.get("wsgi.url_scheme", "http")
+    host = environ.get("HTTP_HOST")
+    if not host:
+        host = environ.get("SERVER_NAME", "localhost")
+        port = str(environ.get("SERVER_PORT", ""))
+        if port and port != ("443" if scheme == "https" else "80"):
+            host = f"{host}:{port}"
+    return f"{scheme}://{host}{environ.get('SCRIPT_NAME', '').rstrip('/')}"
+
+
+class SoapEdge:
+    """The WSGI callable returned by `make_app`."""
+
+    def __init__(self, services: Any, endpoints: Sequence[Endpoint], *,
+                 max_envelope_bytes: int, max_request_bytes: int,
+                 spool_root: Path | None = None, mtom_writer: MtomWriter | None = None):
+        self.services = services
+        self.endpoints = {e.path: e for e in endpoints}
+        self.spool_root = spool_root
+        self._handlers: dict[str, Handler] = {}
+        self._lock = threading.Lock()
+        self._soap: dict[str, WsgiApp] = {
+            e.path: build_spyne_app(e, self.dispatch, max_envelope_bytes=max_envelope_bytes,
+                                    max_request_bytes=max_request_bytes,
+                                    mtom_writer=mtom_writer)
+            for e in endpoints
+        }
+
+    # --- HTTP routing ----------------------------------------------------------------------
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse
+                 ) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO") or "/"
+        if len(path) > 1:
+            path = path.rstrip("/") or "/"
+        method = str(environ.get("REQUEST_METHOD") or "GET").upper()
+        if path == HEALTH_PATH:
+            if method != "GET":
+                return _plain(start_response, 405, "Use GET.", allow="GET")
+            status, body = health_document(self.services, self.endpoints.values())
+            start_response(http_status_line(status),
+                           [("Content-Type", "application/json"),
+                            ("Content-Length", str(len(body))),
+                            ("Cache-Control", "no-store")])
+            return [body]
+        endpoint = self.endpoints.get(path)
+        if endpoint is None:
+            return _plain(start_response, 404, "Not found.")
+        if method == "POST":
+            return self._soap_call(endpoint, environ, start_response)
+        if method == "GET":
+            return self._get(endpoint, environ, start_response)
+        return _plain(start_response, 405, "Use POST for SOAP, GET ?wsdl for the WSDL.",
+                      allow="GET, POST")
+
+    def _get(self, endpoint: Endpoint, environ: dict[str, Any],
+             start_response: StartResponse) -> list[bytes]:
+        query = {k.lower(): v for k, v in
+                 parse_qs(environ.get("QUERY_STRING") or "", keep_blank_values=True).items()}
+        from gateway.soap import wsdl
+
+        data: bytes | None
+        if "wsdl" in query:
+            try:
+                data = wsdl.wsdl_document(endpoint.path, endpoint.wsdl, _base_url(environ))
+            except FileNotFoundError:
+                log.error("WSDL %s missing for %s", endpoint.wsdl, endpoint.path)
+                return _plain(start_response, 404, "No WSDL for this endpoint.")
+        elif "xsd" in query:
+            data = wsdl.xsd_document(query["xsd"][0], endpoint.path, _base_url(environ))
+            if data is None:
+                return _plain(start_response, 404, "No such schema.")
+        else:
+            return _plain(start_response, 405, "Use POST for SOAP, GET ?wsdl for the WSDL.",
+                          allow="GET, POST")
+        start_response(http_status_line(200), [("Content-Type", "application/xml"),
+                                               ("Content-Length", str(len(data)))])
+        return [data]
+
+    # --- SOAP ----------------------------------------------------------------------------------
+
+    def _soap_call(self, endpoint: Endpoint, environ: dict[str, Any],
+                   start_response: StartResponse) -> Iterable[bytes]:
+        ex = Exchange()
+        environ[EXCHANGE_KEY] = ex
+
+        def spyne_start_response(status: str, headers: list[tuple[str, str]],
+                                 exc_info: Any = None) -> Any:
+            if ex.content_length is not None:  # MTOM: spyne drops the length of a stream
+                headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+                headers.append(("Content-Length", str(ex.content_length)))
+            if ex.fault is not None:
+                f = ex.fault.fault
+                log.info("%s: SOAP fault %s%s: %s", endpoint.path, f.code,
+                         f" ({f.subcode[1]})" if f.subcode else "", f.reason)
+            if exc_info is None:
+                return start_response(status, headers)
+            return start_response(status, headers, exc_info)
+
+        try:
+            result = self._soap[endpoint.path](environ, spyne_start_response)
+        except Exception as exc:  # a failure spyne did not turn into a fault
+            log.error("%s: SOAP edge failure: %s", endpoint.path, type(exc).__name__)
+            log.debug("SOAP edge failure", exc_info=True)
+            ex.close()
+            report = FaultReport(SoapFault(SoapFaultCode.RECEIVER, "Internal error"))
+            data = to_bytes(fault_envelope(report, relates_to=ex.message_id))
+            start_response(http_status_line(500),
+                           [("Content-Type", soap_content_type(FAULT_ACTION)),
+                            ("Content-Length", str(len(data)))], sys.exc_info())
+            return [data]
+        return _ClosingBody(result, ex.close)
+
+    def _handler(self, transaction: Transaction) -> Handler:
+        spec = transaction.handler
+        assert spec is not None
+        handler = self._handlers.get(spec)
+        if handler is not None:
+            return handler
+        with self._lock:
+            module_name, _, attribute = spec.partition(":")
+            try:
+                handler = getattr(importlib.import_module(module_name), attribute)
+            except (ImportError, AttributeError) as exc:
+                log.error("%s: handler %s cannot be loaded: %s", transaction.name, spec,
+                          type(exc).__name__)
+                raise EdgeFault.of(SoapFault(
+                    SoapFaultCode.RECEIVER,
+                    f"{transaction.name} {transaction.title} is not available on this "
+                    "gateway")) from None
+            self._handlers[spec] = handler
+            return handler
+
+    def dispatch(self, environ: dict[str, Any], transaction: Transaction,
+                 body: etree._Element) -> SoapResponse:
+        """Call the transaction's handler (spyne's method body for every transaction)."""
+        ex = exchange_of(environ)
+        if transaction.handler is None:
+            raise EdgeFault.of(SoapFault(
+                SoapFaultCode.RECEIVER,
+                f"{transaction.name} {transaction.title} is not implemented by this gateway "
+                "yet"))
+        handler = self._handler(transaction)
+        spool = environ.get("xdsi.spool_dir")
+        if spool is None:
+            if self.spool_root is not None:
+                self.spool_root.mkdir(parents=True, exist_ok=True)
+            spool = ex.own_spool_dir = Path(tempfile.mkdtemp(prefix="xdsi-req-",
+                                                             dir=self.spool_root))
+        rctx = RequestContext(
+            endpoint=next((p for p, e in self.endpoints.items()
+                           if transaction in e.transactions), ""),
+            action=transaction.request_action,
+            message_id=ex.message_id,
+            client_subject=environ.get("xdsi.client_subject"),
+            attachments=environ.get("xdsi.attachments") or {},
+            spool_dir=Path(spool),
+            headers=ex.inbound.headers if ex.inbound is not None else (),
+        )
+        try:
+            response = handler(self.services, rctx, body)
+        except XdsFailure as failure:
+            log.info("%s: request failed: %s", transaction.name,
+                     ", ".join(e.code for e in failure.errors))
+            return SoapResponse(failure_body(transaction, failure.errors))
+        except SoapFault as fault:
+            raise EdgeFault.of(fault) from None
+        except Exception as exc:
+            log.error("%s: handler failed: %s", transaction.name, type(exc).__name__)
+            log.debug("%s handler failure", transaction.name, exc_info=True)
+            raise EdgeFault.of(SoapFault(
+                SoapFaultCode.RECEIVER,
+                f"{transaction.name}: the gateway could not process the request")) from None
+        if not isinstance(response, SoapResponse):
+            log.error("%s: handler returned %s, not a SoapResponse", transaction.name,
+                      type(response).__name__)
+            raise EdgeFault.of(SoapFault(
+                SoapFaultCode.RECEIVER,
+                f"{transaction.name}: the gateway could not process the request"))
+        return response
+
+
+def make_app(services: Any, *, endpoints: Sequence[Endpoint] | None = None,
+             max_envelope_bytes: int | None = None, max_request_bytes: int | None = None,
+             spool_root: Path | None = None,
+             mtom_writer: MtomWriter | None = None) -> SoapEdge:
+    """The WSGI application serving `endpoints` (default: gateway.transactions.ENDPOINTS).
+
+    Sizes default to `services.config.server` when there is one. `mtom_writer` replaces
+    gateway.soap.mtom.mtom_response (tests).
+    """
+    server = getattr(getattr(services, "config", None), "server", None)
+    if max_envelope_bytes is None:
+        max_envelope_bytes = getattr(server, "max_envelope_bytes", DEFAULT_MAX_ENVELOPE_BYTES)
+    if max_request_bytes is None:
+        max_request_bytes = getattr(server, "max_request_bytes", DEFAULT_MAX_REQUEST_BYTES)
+    if spool_root is None:
+        spool_root = getattr(server, "spool_directory", None)
+    return SoapEdge(services, ENDPOINTS if endpoints is None else endpoints,
+                    max_envelope_bytes=max_envelope_bytes,
+                    max_request_bytes=max_request_bytes, spool_root=spool_root,
+                    mtom_writer=mtom_writer)
+
+
+def app_factory(config: GatewayConfig) -> WsgiApp:
+    """What each server worker runs: services from `config`, the edge, MTOM in front."""
+    from gateway.services import build_services
+    from gateway.soap.mtom import MtomMiddleware
+
+    services = build_services(config)
+    return MtomMiddleware(make_app(services), spool_root=config.server.spool_directory,
+                          max_request_bytes=config.server.max_request_bytes,
+                          max_envelope_bytes=config.server.max_envelope_bytes)

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
@@ -36,6 +37,7 @@ from gateway.soap.envelope import (
     to_bytes,
 )
 from gateway.soap.health import HEALTH_PATH, health_document
+from gateway.soap.mtom import ClosingIterable
 from gateway.soap.protocol import (
     EXCHANGE_KEY,
     EdgeFault,
@@ -84,25 +86,6 @@ def failure_body(transaction: Transaction, errors: Sequence[XdsError]) -> etree.
     return render.render_registry_response(status, errors)
 
 
-class _ClosingBody:
-    """The response iterable handed to the server; `close()` also runs `on_close`."""
-
-    def __init__(self, inner: Iterable[bytes], on_close: Callable[[], None]):
-        self._inner = inner
-        self._on_close = on_close
-
-    def __iter__(self) -> Iterator[bytes]:
-        return iter(self._inner)
-
-    def close(self) -> None:
-        try:
-            close = getattr(self._inner, "close", None)
-            if close is not None:
-                close()
-        finally:
-            self._on_close()
-
-
 def _plain(start_response: StartResponse, status: int, text: str,
            allow: str | None = None) -> list[bytes]:
     body = (text + "\n").encode("utf-8")
@@ -114,11 +97,15 @@ def _plain(start_response: StartResponse, status: int, text: str,
     return [body]
 
 
+# A Host header is used in the served WSDL only when it is a plain host[:port].
+_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]{1,253})(:[0-9]{1,5})?$")
+
+
 def _base_url(environ: dict[str, Any]) -> str:
     scheme = environ.get("wsgi.url_scheme", "http")
-    host = environ.get("HTTP_HOST")
-    if not host:
-        host = environ.get("SERVER_NAME", "localhost")
+    host = str(environ.get("HTTP_HOST") or "")
+    if not _HOST.match(host):
+        host = str(environ.get("SERVER_NAME", "localhost"))
         port = str(environ.get("SERVER_PORT", ""))
         if port and port != ("443" if scheme == "https" else "80"):
             host = f"{host}:{port}"
@@ -226,7 +213,7 @@ class SoapEdge:
                            [("Content-Type", soap_content_type(FAULT_ACTION)),
                             ("Content-Length", str(len(data)))], sys.exc_info())
             return [data]
-        return _ClosingBody(result, ex.close)
+        return ClosingIterable(result, ex.close)
 
     def _handler(self, transaction: Transaction) -> Handler:
         spec = transaction.handler

@@ -17,6 +17,7 @@ from lxml import etree
 from gateway.ebrim.xmlsafe import UnsafeXmlError, parse_xml
 from gateway.errors import SoapFault, SoapFaultCode
 from gateway.ns import SOAP11, SOAP12, WSA, WSA_ANONYMOUS, Action, q
+from gateway.soap.multipart import parse_content_type
 
 SOAP12_MEDIA_TYPE = "application/soap+xml"
 SOAP11_MEDIA_TYPE = "text/xml"
@@ -64,22 +65,6 @@ def _fail(code: str, reason: str, subcode: tuple[str, str] | None = None,
 
 # --- Content-Type -----------------------------------------------------------------------------
 
-def parse_media_type(value: str) -> tuple[str, dict[str, str]]:
-    """`type/subtype; a=b; c="d"` -> ("type/subtype", {"a": "b", "c": "d"}), lower-cased keys."""
-    parts = value.split(";")
-    media = parts[0].strip().lower()
-    params: dict[str, str] = {}
-    for part in parts[1:]:
-        key, sep, val = part.partition("=")
-        if not sep:
-            continue
-        val = val.strip()
-        if len(val) >= 2 and val[0] == val[-1] == '"':
-            val = val[1:-1]
-        params[key.strip().lower()] = val
-    return media, params
-
-
 def check_content_type(content_type: str | None) -> None:
     """Accept SOAP 1.2 (application/soap+xml), and its MTOM forms (multipart/related with
     start-info application/soap+xml, or the XOP root part application/xop+xml). text/xml is
@@ -87,14 +72,14 @@ def check_content_type(content_type: str | None) -> None:
     if not content_type:
         raise _fail(SoapFaultCode.SENDER,
                     "The request has no Content-Type; SOAP 1.2 requires application/soap+xml")
-    media, params = parse_media_type(content_type)
+    media, params = parse_content_type(content_type)
     inner = media
     if media == "multipart/related":
-        inner = parse_media_type(params.get("start-info", ""))[0]
-        if not inner and parse_media_type(params.get("type", ""))[0] == SOAP12_MEDIA_TYPE:
+        inner = parse_content_type(params.get("start-info", ""))[0]
+        if not inner and parse_content_type(params.get("type", ""))[0] == SOAP12_MEDIA_TYPE:
             inner = SOAP12_MEDIA_TYPE
     elif media == XOP_MEDIA_TYPE:
-        inner = parse_media_type(params.get("type", ""))[0]
+        inner = parse_content_type(params.get("type", ""))[0]
     if inner == SOAP12_MEDIA_TYPE:
         return
     if inner == SOAP11_MEDIA_TYPE:

@@ -1,9 +1,7 @@
-"""SOAP 1.2 fault envelopes, and a WSGI helper that answers with one.
-
-Owns only the rendering: `fault_envelope()` writes an env:Fault (env:Code/env:Value with an
-optional env:Subcode, env:Reason/env:Text xml:lang="en") with lxml; `soap_fault_response()`
-sends it from WSGI code that has no SOAP framework in front of it (the MTOM middleware, the
-edge's last-resort error path). Which problem earns which code is decided by the callers.
+"""A WSGI helper that answers with a SOAP 1.2 fault, for code that has no SOAP framework in
+front of it (the MTOM middleware, the edge's last-resort error path). The envelope itself is
+written by `gateway.soap.envelope.fault_envelope`; which problem earns which code is decided by
+the callers.
 """
 
 from __future__ import annotations
@@ -11,19 +9,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from lxml import etree
-
 from gateway.errors import SoapFault, SoapFaultCode
-from gateway.ns import SOAP12
+from gateway.soap.envelope import FaultReport, http_status_line, to_bytes
+from gateway.soap.envelope import fault_envelope as envelope_fault
 
 CONTENT_TYPE = "application/soap+xml; charset=utf-8"
-XML_LANG = "{http://www.w3.org/XML/1998/namespace}lang"
 _CODES = frozenset({
     SoapFaultCode.SENDER, SoapFaultCode.RECEIVER, SoapFaultCode.VERSION_MISMATCH,
     SoapFaultCode.MUST_UNDERSTAND, SoapFaultCode.DATA_ENCODING_UNKNOWN,
 })
-_REASONS = {400: "Bad Request", 413: "Request Entity Too Large", 415: "Unsupported Media Type",
-            500: "Internal Server Error", 503: "Service Unavailable"}
 
 StartResponse = Callable[..., Any]
 
@@ -45,27 +39,15 @@ def default_http_status(code: str) -> int:
 
 
 def fault_envelope(code: str, reason: str, *, subcode: tuple[str, str] | None = None) -> bytes:
-    """A SOAP 1.2 envelope holding one env:Fault, UTF-8 with an XML declaration.
+    """A SOAP 1.2 fault envelope as bytes, for faults raised before the envelope was read
+    (so without wsa:RelatesTo).
 
     `code` is a SOAP 1.2 fault code ("Sender", "Receiver", "VersionMismatch", "MustUnderstand",
     "DataEncodingUnknown"; an "env:" prefix and the SOAP 1.1 names Client/Server are accepted).
     `subcode` is (namespace, local name) of an optional env:Subcode value.
     """
-    name = _code_name(code)
-    env = etree.Element(f"{{{SOAP12}}}Envelope", nsmap={"env": SOAP12})
-    body = etree.SubElement(env, f"{{{SOAP12}}}Body")
-    fault = etree.SubElement(body, f"{{{SOAP12}}}Fault")
-    code_el = etree.SubElement(fault, f"{{{SOAP12}}}Code")
-    etree.SubElement(code_el, f"{{{SOAP12}}}Value").text = f"env:{name}"
-    if subcode is not None:
-        ns, local = subcode
-        sub = etree.SubElement(code_el, f"{{{SOAP12}}}Subcode", nsmap={"sc": ns})
-        etree.SubElement(sub, f"{{{SOAP12}}}Value").text = f"sc:{local}"
-    reason_el = etree.SubElement(fault, f"{{{SOAP12}}}Reason")
-    text = etree.SubElement(reason_el, f"{{{SOAP12}}}Text")
-    text.set(XML_LANG, "en")
-    text.text = reason
-    return bytes(etree.tostring(env, xml_declaration=True, encoding="UTF-8"))
+    fault = SoapFault(_code_name(code), reason, subcode)
+    return to_bytes(envelope_fault(FaultReport(fault), relates_to=None))
 
 
 def soap_fault_response(start_response: StartResponse, code: str, reason: str,
@@ -76,11 +58,10 @@ def soap_fault_response(start_response: StartResponse, code: str, reason: str,
     status = default_http_status(code) if http_status is None else http_status
     data = fault_envelope(code, reason, subcode=subcode)
     headers = [("Content-Type", CONTENT_TYPE), ("Content-Length", str(len(data)))]
-    phrase = _REASONS.get(status, "Error")
     if exc_info is None:
-        start_response(f"{status} {phrase}", headers)
+        start_response(http_status_line(status), headers)
     else:
-        start_response(f"{status} {phrase}", headers, exc_info)
+        start_response(http_status_line(status), headers, exc_info)
     return [data]
 
 

@@ -161,7 +161,7 @@ def mtom_response(envelope: bytes, attachments: Sequence[Attachment], *,
 
 # --- Inbound --------------------------------------------------------------------------------
 
-class _ClosingIterable:
+class ClosingIterable:
     """Wraps an application's response iterable; `close()` closes it, then cleans up."""
 
     def __init__(self, inner: Iterable[bytes], cleanup: Callable[[], None]):
@@ -298,7 +298,7 @@ class MtomMiddleware:
         except BaseException:
             cleanup()
             raise
-        return _ClosingIterable(result, cleanup)
+        return ClosingIterable(result, cleanup)
 
     def _buffer(self, stream: Any, spool: Path) -> tuple[IO[bytes], int]:
         buf = tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY, dir=str(spool))

@@ -3,7 +3,10 @@ KOS submissions included) and ITI-43 Retrieve Document Set.
 
 ITI-41: the edge has already spooled every document to a file (MTOM part or decoded base64);
 the submission is validated with the repository's rules, each document is stored by content
-(`DocumentStore.put`: size and SHA-1 in one streaming pass), hash and size are checked against
+(`DocumentStore.put`: a document spooled into the request's own folder is hashed in one read
+pass and hard-linked into the store, so its bytes are written to disk once - with the SHA-1
+the spooler computed, when it did, not even read; anything else is copied, size and SHA-1 in
+one streaming pass), hash and size are checked against
 the submitted slots or added to the DocumentEntry together with our repositoryUniqueId, and
 the metadata goes to the registry (`gateway.registry.handlers.register`). When anything fails
 after files were stored, the files this request created are removed unless a registered
@@ -61,6 +64,8 @@ class _Stored:
     entry_id: str
     source: Path
     stored: StoredDocument
+    # The source is the request's own spool file: the store may hard-link it.
+    link: bool = False
 
 
 def _failure(errors: Sequence[XdsError]) -> SoapResponse:
@@ -84,6 +89,15 @@ def is_dicom_file(path: Path) -> bool:
     except OSError:
         return False
     return head[DICOM_PREAMBLE:] == DICOM_MAGIC
+
+
+def _is_spooled(path: Path, spool_dir: Path) -> bool:
+    """True when `path` is a file of the request's own spool folder (private to the request,
+    written once by the edge or the base64 decoder, removed with the folder)."""
+    try:
+        return path.resolve().parent == spool_dir.resolve()
+    except OSError:
+        return False
 
 
 def _locate(errors: Sequence[XdsError], entries: Sequence[ExtrinsicObject]) -> list[XdsError]:
@@ -209,8 +223,10 @@ def _provide_and_register(services: Services, ctx: RequestContext, body: etree._
     replaced: dict[str, ExtrinsicObject] = {}
     for entry in entries:
         doc = documents[entry.id]
+        spooled = _is_spooled(doc.path, ctx.spool_dir)
         try:
-            result = services.documents.put(doc.path)
+            result = services.documents.put(
+                doc.path, sha1=doc.sha1, size=doc.size if doc.sha1 else None, link=spooled)
         except OSError as exc:
             log.warning("repository: cannot store a document: %s", exc.strerror or exc)
             _rollback(services, stored)
@@ -219,7 +235,7 @@ def _provide_and_register(services: Services, ctx: RequestContext, body: etree._
                 ErrorCode.REPOSITORY_ERROR,
                 f"DocumentEntry {uid}: the repository could not store the document",
                 location=uid)])
-        stored.append(_Stored(entry.id, doc.path, result))
+        stored.append(_Stored(entry.id, doc.path, result, spooled))
         if result.size != doc.size:
             log.warning("repository: spooled size %d differs from stored size %d",
                         doc.size, result.size)
@@ -249,7 +265,7 @@ def _provide_and_register(services: Services, ctx: RequestContext, body: etree._
     # a file we did not create between our put and our registration: put it back.
     for item in stored:
         try:
-            services.documents.ensure(item.stored.sha1_hex, item.source)
+            services.documents.ensure(item.stored.sha1_hex, item.source, link=item.link)
         except OSError as exc:  # pragma: no cover - disk failure right after a success
             log.error("repository: registered document %s could not be re-stored: %s",
                       item.stored.sha1_hex, exc)

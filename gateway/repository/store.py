@@ -11,6 +11,14 @@ source into a temporary file in the store's staging folder (same file system), c
 and SHA-1 in the same pass (1 MiB chunks), fsyncs it, renames it into place with
 `os.replace` and fsyncs the target folder. A reader never sees a partial file.
 
+`put(src, link=True)` is for a source that is private to the caller and never written again
+(a request's spool file): the file is fsynced and hard-linked into the staging folder, then
+renamed into place the same way, so the bytes are neither read nor copied again (with `sha1`,
+the hash the caller computed while writing the file, they are not read at all). When a hard
+link is impossible (the spool folder is on another file system, or the file system has no
+hard links) it falls back to the copy. Never link a file someone may rewrite: the stored
+document would change with it.
+
 Rolling back (a registration that failed after its documents were stored) must not delete a
 file another request relies on. `remove_if_unreferenced()` and `ensure()` run under a per-hash
 exclusive lock (`flock` on `<directory>/.locks/<h>`): the remover checks that nothing
@@ -25,8 +33,10 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import io
 import os
 import re
+import secrets
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,6 +44,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 CHUNK = 1024 * 1024
+# os.link errors that mean "no hard link here": fall back to copying.
+_NO_LINK = frozenset({errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP,
+                      errno.EOPNOTSUPP, errno.ENOSYS, errno.EACCES})
 _SHA1 = re.compile(r"^[0-9a-f]{40}$")
 _STAGING = ".staging"
 _LOCKS = ".locks"
@@ -58,6 +71,18 @@ def normalise_sha1(sha1: str) -> str:
     if not _SHA1.match(value):
         raise ValueError("not a hex SHA-1")
     return value
+
+
+def _hash_stream(fh: io.BufferedReader) -> tuple[str, int]:
+    """(hex SHA-1, byte count) of what is left to read in `fh`."""
+    digest = hashlib.sha1(usedforsecurity=False)
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    size = 0
+    while n := fh.readinto(view):
+        digest.update(view[:n])
+        size += n
+    return digest.hexdigest(), size
 
 
 def _fsync_dir(path: Path) -> None:
@@ -95,11 +120,75 @@ class DocumentStore:
 
     # -- writing --
 
-    def put(self, src: Path) -> StoredDocument:
+    def put(self, src: Path, *, sha1: str | None = None, size: int | None = None,
+            link: bool = False) -> StoredDocument:
         """Store the bytes of `src` (left in place); idempotent for identical content.
+
+        `sha1` (and `size`): what the caller computed while writing `src`, e.g. during MTOM
+        spooling. `link`: `src` is private to the caller and never written again, so it may be
+        hard-linked into the store instead of copied; with `sha1` its bytes are then not read
+        at all, without it they are read once to hash them. Whenever the bytes are copied
+        their SHA-1 and size are computed and must equal `sha1` and `size` when given. A
+        source whose size differs from `size` is refused (DocumentStoreError, nothing stored).
 
         Raises OSError (DocumentStoreError when the store itself cannot be written).
         """
+        expected = normalise_sha1(sha1) if sha1 is not None else None
+        if link:
+            linked = self._put_linked(src, expected, size)
+            if linked is not None:
+                return linked
+        stored = self._put_copy(src)
+        if (expected is not None and stored.sha1_hex != expected) or \
+                (size is not None and stored.size != size):
+            if stored.created:
+                self.remove_if_unreferenced(stored.sha1_hex)
+            raise DocumentStoreError(errno.EIO, "the document changed after it was spooled")
+        return stored
+
+    def _put_linked(self, src: Path, sha1: str | None, size: int | None
+                    ) -> StoredDocument | None:
+        """`put` by hard link; None when the file system cannot link (the caller copies)."""
+        staging = self.directory / _STAGING
+        with open(src, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if size is not None and st.st_size != size:
+                raise DocumentStoreError(errno.EIO, "the document changed after it was spooled")
+            if sha1 is None:
+                sha1, read = _hash_stream(fh)
+                if read != st.st_size:
+                    raise DocumentStoreError(errno.EIO, "the document changed while it was read")
+            target = self.path_for(sha1)
+            if target.is_file() and target.stat().st_size == st.st_size:
+                return StoredDocument(sha1, st.st_size, target, created=False)
+            os.fsync(fh.fileno())  # the data is durable before any name in the store
+        tmp = staging / f"put-{secrets.token_hex(12)}.tmp"
+        try:
+            os.link(src, tmp)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if exc.errno in _NO_LINK:
+                return None
+            raise DocumentStoreError(exc.errno, f"cannot write to the document store: "
+                                                f"{exc.strerror}") from None
+        try:
+            linked = os.stat(tmp)
+            if (linked.st_ino, linked.st_dev, linked.st_size) != \
+                    (st.st_ino, st.st_dev, st.st_size):
+                raise DocumentStoreError(errno.EIO, "the document changed while it was stored")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, target)
+            _fsync_dir(target.parent)
+            return StoredDocument(sha1, st.st_size, target, created=True)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+
+    def _put_copy(self, src: Path) -> StoredDocument:
+        """`put` by copying into staging, hashing in the same pass."""
         staging = self.directory / _STAGING
         try:
             fd, tmp_name = tempfile.mkstemp(dir=staging, prefix="put-", suffix=".tmp")
@@ -179,18 +268,19 @@ class DocumentStore:
                 _fsync_dir(path.parent)
             return True
 
-    def ensure(self, sha1: str, src: Path) -> StoredDocument:
+    def ensure(self, sha1: str, src: Path, *, link: bool = False) -> StoredDocument:
         """Make sure the document `sha1` is stored, re-storing it from `src` if it is missing.
 
         Called after a registration succeeded: a concurrent rollback of another request with
         the same content may have removed the file between our put and our registration.
+        `link` as for `put` (the bytes of `src` are hashed again either way).
         """
         h = normalise_sha1(sha1)
         with self._locked(h):
             path = self.path_for(h)
             if path.is_file():
                 return StoredDocument(h, path.stat().st_size, path, created=False)
-            stored = self.put(src)
+            stored = self.put(src, link=link)
         if stored.sha1_hex != h:
             # The source changed under us: never keep other bytes for this request.
             if stored.created:

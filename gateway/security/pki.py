@@ -185,8 +185,11 @@ def create_dev_pki(directory: Path, *, hostnames: Iterable[str] = ("localhost",)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     ca_cert, ca_key = create_ca(days=days)
+    # The gateway's node certificate: it serves (serverAuth) and it is the client certificate
+    # of its outbound calls to other gateways and to the audit repository (clientAuth).
     server_cert, server_key = issue_certificate(
-        ca_cert, ca_key, SERVER_COMMON_NAME, server=True, hostnames=tuple(hostnames),
+        ca_cert, ca_key, SERVER_COMMON_NAME, server=True, client=True,
+        hostnames=tuple(hostnames),
         ip_addresses=tuple(ip_addresses), days=days)
     client_cert, client_key = issue_certificate(
         ca_cert, ca_key, CLIENT_COMMON_NAME, client=True, days=days)

@@ -8,6 +8,7 @@ document in memory.
 
 from __future__ import annotations
 
+import copy
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -41,8 +42,12 @@ class SoapReply:
         return found.path if found is not None else None
 
 
-def envelope(action: str, to: str, body: etree._Element) -> tuple[bytes, str]:
-    """A SOAP 1.2 envelope with WS-Addressing headers; returns (bytes, MessageID)."""
+def envelope(action: str, to: str, body: etree._Element,
+             headers: Sequence[etree._Element] = ()) -> tuple[bytes, str]:
+    """A SOAP 1.2 envelope with WS-Addressing headers; returns (bytes, MessageID).
+
+    `headers` (e.g. a wsse:Security block with a signed XUA assertion) are copied, unchanged,
+    into soap:Header after the WS-Addressing blocks; the caller's elements are not moved."""
     message_id = f"urn:uuid:{uuid.uuid4()}"
     env = etree.Element(q(SOAP12, "Envelope"), nsmap={"s": SOAP12, "a": WSA})
     header = etree.SubElement(env, q(SOAP12, "Header"))
@@ -56,6 +61,10 @@ def envelope(action: str, to: str, body: etree._Element) -> tuple[bytes, str]:
     t = etree.SubElement(header, q(WSA, "To"))
     t.set(q(SOAP12, "mustUnderstand"), "true")
     t.text = to
+    for extra in headers:
+        block = copy.deepcopy(extra)
+        block.tail = None
+        header.append(block)
     etree.SubElement(env, q(SOAP12, "Body")).append(body)
     return etree.tostring(env, xml_declaration=True, encoding="UTF-8"), message_id
 
@@ -76,7 +85,8 @@ class _SizedBody:
 
 class SoapClient:
     def __init__(self, base_url: str, *, ca_bundle: Path | None, certificate: Path | None,
-                 private_key: Path | None, timeout: float = 300.0):
+                 private_key: Path | None,
+                 timeout: float | tuple[float, float] = 300.0):  # (connect, read)
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self.session = requests.Session()
@@ -90,19 +100,22 @@ class SoapClient:
 
     def call(self, path: str, action: str, body: etree._Element, *,
              attachments: Sequence[Attachment] = (), spool_dir: Path | None = None,
-             force_mtom: bool = False) -> SoapReply:
+             force_mtom: bool = False,
+             headers: Sequence[etree._Element] = ()) -> SoapReply:
+        """POST one request; `headers` are extra SOAP header blocks (copied unchanged)."""
         url = self.base_url + path
-        data, _message_id = envelope(action, url, body)
-        headers = {}
+        data, _message_id = envelope(action, url, body, headers)
+        http_headers = {}
         payload: _SizedBody | bytes
         if attachments or force_mtom:
             content_type, length, chunks = mtom_response(data, attachments, soap_action=action)
-            headers["Content-Type"] = content_type
+            http_headers["Content-Type"] = content_type
             payload = _SizedBody(chunks, length)
         else:
-            headers["Content-Type"] = f'application/soap+xml; charset=UTF-8; action="{action}"'
+            http_headers["Content-Type"] = \
+                f'application/soap+xml; charset=UTF-8; action="{action}"'
             payload = data
-        with self.session.post(url, data=payload, headers=headers, stream=True,
+        with self.session.post(url, data=payload, headers=http_headers, stream=True,
                                timeout=self.timeout) as resp:
             return self._reply(resp, spool_dir)
 

@@ -1,7 +1,8 @@
 """MTOM/XOP at the WSGI level, both directions (spyne's own MTOM is unusable, see DESIGN.md).
 
 Inbound, `MtomMiddleware` wraps the SOAP application: a multipart/related request is
-stream-parsed (`gateway.soap.multipart`), attachments spooled to files in a per-request folder,
+stream-parsed (`gateway.soap.multipart`), attachments spooled to files in a per-request folder
+(their writeback to disk started as they arrive: the repository fsyncs and keeps them),
 and the inner application sees a plain SOAP request whose body is the root part, with the
 attachments in ``environ["xdsi.attachments"]`` and the folder in ``environ["xdsi.spool_dir"]``.
 Every request gets such a folder (handlers spool retrieved documents there too); it is removed
@@ -266,7 +267,7 @@ class MtomMiddleware:
                     stream, str(environ.get("CONTENT_TYPE")), spool,
                     max_envelope_bytes=self.max_envelope_bytes,
                     max_total_bytes=self.max_request_bytes, content_length=length,
-                    chunk_size=self.chunk_size)
+                    chunk_size=self.chunk_size, early_writeback=True)
                 body: IO[bytes] = io.BytesIO(root)
                 held.append(body)
                 environ["wsgi.input"] = body

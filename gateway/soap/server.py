@@ -2,7 +2,11 @@
 
 gunicorn (gthread workers: `[server] workers` processes of `threads` threads) is embedded
 through a `BaseApplication` subclass, so no gunicorn configuration file or command line is
-read. TLS uses gunicorn's `ssl_context` hook, which returns `tls.server_context([tls])`: the
+read. The worker class is gateway.soap.worker's `DeadlineThreadWorker`: TLS handshake and
+request head are read in the event loop, not in a thread, within `[server]
+header_timeout_seconds`; the body must arrive within `body_timeout_seconds` plus one second
+per `min_body_rate_bytes_per_second` bytes; malloc arenas are capped and trimmed after large
+requests. TLS uses gunicorn's `ssl_context` hook, which returns `tls.server_context([tls])`: the
 gateway's own policy (TLS 1.2+, BCP195 AEAD suites, client certificates required) applies, not
 gunicorn's defaults. The application is built by `app_factory(config)` inside each worker,
 after the fork, so database engines, thread pools and sockets are never shared between
@@ -37,6 +41,7 @@ from gunicorn.app.base import BaseApplication
 
 from gateway.config import ConfigError, GatewayConfig, load
 from gateway.security.tls import peer_subject, server_context
+from gateway.soap.worker import Deadlines, worker_class
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -115,7 +120,8 @@ def gunicorn_options(config: GatewayConfig, *, log_level: str | None = None) -> 
     level = (log_level or _gunicorn_log_level()).lower()
     options: dict[str, Any] = {
         "bind": [f"{host}:{s.port}"],
-        "worker_class": "gthread",
+        # gthread with request deadlines: slow senders never hold a thread (gateway.soap.worker)
+        "worker_class": worker_class(deadlines(config)),
         "workers": s.workers,
         "threads": s.threads,
         "timeout": s.request_timeout_seconds,
@@ -143,6 +149,14 @@ def gunicorn_options(config: GatewayConfig, *, log_level: str | None = None) -> 
         options["certfile"] = str(t.certificate)
         options["keyfile"] = str(t.private_key)
     return options
+
+
+def deadlines(config: GatewayConfig) -> Deadlines:
+    """The worker's request deadlines from `[server]`."""
+    s = config.server
+    return Deadlines(header_timeout=float(s.header_timeout_seconds),
+                     body_timeout=float(s.body_timeout_seconds),
+                     min_body_rate=float(s.min_body_rate_bytes_per_second))
 
 
 class GatewayServer(BaseApplication):

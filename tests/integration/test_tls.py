@@ -9,6 +9,7 @@ Two smaller servers check the optional-certificate and plain-HTTP modes and a gr
 
 from __future__ import annotations
 
+import hashlib
 import signal
 import socket
 import ssl
@@ -260,3 +261,97 @@ def test_plain_http_mode_warns_and_serves(tmp_path: Path) -> None:
         assert r.status_code == 200
         assert r.json()["subject"] is None and r.json()["scheme"] == "http"
         assert "PLAIN HTTP" in running.log()
+
+
+# --- request deadlines (gateway.soap.worker) -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def strict_server(pki: TestPki, tmp_path_factory: pytest.TempPathFactory
+                  ) -> Iterator[RunningServer]:
+    """One worker of two threads, 1 s for handshake + head, 1 s + 1 s per KiB for the body."""
+    config = write_config(tmp_path_factory.mktemp("strict") / "gateway.toml", pki.dev,
+                          workers=1, threads=2)
+    text = config.read_text().replace(
+        "request_timeout_seconds = 30\n",
+        "request_timeout_seconds = 30\nheader_timeout_seconds = 1\nbody_timeout_seconds = 1\n"
+        "min_body_rate_bytes_per_second = 1024\n")
+    config.write_text(text)
+    with run_server(config, APP, log_level="info") as running:
+        yield running
+
+
+def trickle(server: RunningServer, pki: TestPki, fast: bytes, slow: bytes,
+            pause: float = 0.2) -> tuple[int, bytes]:
+    """Handshake, send `fast` at once, then `slow` a byte every `pause` s until the server
+    closes the connection; returns (bytes of `slow` sent, what the server answered)."""
+    with socket.create_connection((server.host, server.port), timeout=10) as tcp, \
+            raw_context(pki, cert=pki.client).wrap_socket(tcp,
+                                                         server_hostname="localhost") as tls:
+        tls.sendall(fast)
+        sent = 0
+        tls.settimeout(pause)
+        answer = b""
+        try:
+            for i in range(len(slow)):
+                tls.sendall(slow[i:i + 1])
+                sent += 1
+                try:
+                    chunk = tls.recv(65536)
+                except TimeoutError:
+                    continue
+                if not chunk:
+                    break
+                answer += chunk
+        except (ssl.SSLError, OSError):
+            pass
+        return sent, answer
+
+
+def test_slow_request_head_is_cut_off(strict_server: RunningServer, pki: TestPki) -> None:
+    head = (b"GET /subject HTTP/1.1\r\nHost: localhost\r\nUser-Agent: "
+            + b"slow" * 40 + b"\r\n\r\n")
+    sent, answer = trickle(strict_server, pki, b"", head)
+    assert sent < len(head) and answer == b""  # closed before the head was complete
+    assert "request head not complete within 1 s" in strict_server.log()
+
+
+def test_slow_request_body_is_cut_off(strict_server: RunningServer, pki: TestPki) -> None:
+    body = b"x" * 200
+    head = (f"POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len(body)}\r\n"
+            f"\r\n").encode()
+    sent, answer = trickle(strict_server, pki, head, body)
+    assert sent < len(body)  # 5 bytes per second, where 1 KiB per second is the least
+    assert b'"bytes": 200' not in answer
+    log = strict_server.log()
+    assert "request body slower than the deadline" in log
+    assert "Traceback" not in log
+
+
+def test_fast_large_upload_passes_the_deadlines(strict_server: RunningServer,
+                                                pki: TestPki) -> None:
+    data = pattern(0, 64 * 1024) * 320  # 20 MiB
+    with session() as s:
+        r = s.post(strict_server.base_url + "/upload", data=data, verify=str(pki.dev.ca_cert),
+                   cert=pki.client, timeout=60)
+    assert r.status_code == 200
+    assert r.json() == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_idle_connections_hold_no_thread(strict_server: RunningServer, pki: TestPki) -> None:
+    """Ten connections that never send (and ten stuck in the TLS handshake) on a server of
+    two threads: requests are still answered while they wait."""
+    held = []
+    try:
+        for _ in range(10):
+            tcp = socket.create_connection((strict_server.host, strict_server.port), timeout=10)
+            held.append(raw_context(pki, cert=pki.client).wrap_socket(
+                tcp, server_hostname="localhost"))
+            raw = socket.create_connection((strict_server.host, strict_server.port), timeout=10)
+            raw.sendall(b"\x16\x03")  # the start of a ClientHello, then nothing
+            held.append(raw)
+        for _ in range(3):
+            r = get_subject(strict_server, pki, pki.client)
+            assert r.status_code == 200
+    finally:
+        for s in held:
+            s.close()

@@ -4,10 +4,12 @@ GET /subject  -> JSON {"subject": environ["xdsi.client_subject"], "pid": ...,
                  "factory_pid": <process that called app_factory>, "scheme": ...}
 GET /big?bytes=N -> N bytes streamed in 64 KiB chunks with an exact Content-Length; byte i is
                     i % 251, so the client can check every byte.
+POST /upload     -> JSON {"bytes": N, "sha256": ...} of the request body, read in 64 KiB reads.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -42,6 +44,15 @@ def app_factory(config: GatewayConfig) -> Any:
             body = json.dumps({"subject": environ.get("xdsi.client_subject"),
                                "pid": os.getpid(), "factory_pid": factory_pid,
                                "scheme": environ.get("wsgi.url_scheme")}).encode()
+            start_response("200 OK", [("Content-Type", "application/json"),
+                                      ("Content-Length", str(len(body)))])
+            return [body]
+        if path == "/upload" and environ.get("REQUEST_METHOD") == "POST":
+            digest, size, stream = hashlib.sha256(), 0, environ["wsgi.input"]
+            while chunk := stream.read(CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+            body = json.dumps({"bytes": size, "sha256": digest.hexdigest()}).encode()
             start_response("200 OK", [("Content-Type", "application/json"),
                                       ("Content-Length", str(len(body)))])
             return [body]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import random
 import tracemalloc
@@ -268,6 +269,82 @@ def test_base64_part_is_decoded_streaming(tmp_path: Path) -> None:
     assert got["b@t"].path.read_bytes() == data
 
 
+def test_spooled_parts_carry_the_sha1_of_their_file(tmp_path: Path) -> None:
+    import base64
+    import hashlib
+
+    binary, encoded = os.urandom(300_017), os.urandom(70_001)
+    wire = build([(root_headers(), ENVELOPE), (att_headers("bin@t"), binary),
+                  (att_headers("b64@t", cte="base64"), base64.encodebytes(encoded)),
+                  (att_headers("empty@t"), b"")])
+    hashed, unhashed = tmp_path / "hashed", tmp_path / "unhashed"
+    hashed.mkdir()
+    unhashed.mkdir()
+    root, got = parse_multipart(Trickle(wire, itertools.cycle([1, 7, 4096, 65_537])),
+                                ctype_for(), hashed, max_envelope_bytes=MB,
+                                max_total_bytes=MB, chunk_size=5000, sha1=True)
+    assert root == ENVELOPE
+    for cid, data in (("bin@t", binary), ("b64@t", encoded), ("empty@t", b"")):
+        att = got[cid]
+        assert att.sha1 == hashlib.sha1(att.path.read_bytes()).hexdigest()
+        assert att.sha1 == hashlib.sha1(data).hexdigest()
+    _, plain = parse_multipart(io.BytesIO(wire), ctype_for(), unhashed,
+                               max_envelope_bytes=MB, max_total_bytes=MB)  # off by default
+    assert plain["bin@t"].sha1 is None
+    assert plain["bin@t"].path.read_bytes() == binary
+
+
+def test_early_writeback_hands_every_byte_to_the_kernel_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gateway.soap.multipart as multipart
+
+    calls: list[tuple[int, int, int]] = []
+
+    def fadvise(fd: int, offset: int, length: int, advice: int) -> None:
+        calls.append((offset, length, advice))
+        os.posix_fadvise(fd, offset, length, advice)
+
+    monkeypatch.setattr(multipart, "_FADVISE", fadvise)
+    monkeypatch.setattr(multipart, "WRITEBACK_STEP", 10_000)
+    data = os.urandom(123_457)
+    wire = build([(root_headers(), ENVELOPE), (att_headers("a@t"), data)])
+    _, got = parse_multipart(io.BytesIO(wire), ctype_for(), tmp_path, max_envelope_bytes=MB,
+                             max_total_bytes=MB, chunk_size=4096, early_writeback=True)
+    assert got["a@t"].path.read_bytes() == data
+    assert len(calls) > 5
+    assert all(advice == os.POSIX_FADV_DONTNEED for _, _, advice in calls)
+    # Contiguous ranges from 0 to the end of the part: each byte handed over exactly once.
+    assert calls[0][0] == 0
+    assert all(a[0] + a[1] == b[0] for a, b in itertools.pairwise(calls))
+    assert calls[-1][0] + calls[-1][1] == len(data)
+
+    calls.clear()
+    (tmp_path / "off").mkdir()
+    parse_multipart(io.BytesIO(wire), ctype_for(), tmp_path / "off", max_envelope_bytes=MB,
+                    max_total_bytes=MB, chunk_size=4096)
+    assert calls == []  # off by default (the client's retrieve spool)
+
+
+def test_early_writeback_that_fails_is_ignored(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import gateway.soap.multipart as multipart
+
+    calls = []
+
+    def unsupported(*args: int) -> None:
+        calls.append(args)
+        raise OSError(95, "Operation not supported")
+
+    monkeypatch.setattr(multipart, "_FADVISE", unsupported)
+    monkeypatch.setattr(multipart, "WRITEBACK_STEP", 1000)
+    data = os.urandom(50_000)
+    wire = build([(root_headers(), ENVELOPE), (att_headers("a@t"), data)])
+    _, got = parse_multipart(io.BytesIO(wire), ctype_for(), tmp_path, max_envelope_bytes=MB,
+                             max_total_bytes=MB, chunk_size=999, early_writeback=True)
+    assert got["a@t"].path.read_bytes() == data
+    assert len(calls) == 1  # tried once, then left to the final fsync
+
+
 def test_lf_only_preamble_padding_and_no_start(tmp_path: Path) -> None:
     wire = (b"this is a preamble\n--b0und  \t\nContent-Type: application/xop+xml; "
             b'type="text/xml"\nContent-ID: <r>\n\n<x/>\n--b0und\nContent-ID: <a>\n'
@@ -390,6 +467,8 @@ def test_nist_capture_through_middleware(conformance: Path, tmp_path: Path) -> N
     hrefs = _xop_hrefs(seen["body"])
     assert [seen["atts"][h.removeprefix("cid:")] for h in hrefs] == [
         b"This is my document.\n\nIt is great!\n\n"]
+    # The edge does not hash while spooling (the repository's one read pass is cheaper).
+    assert set(seen["sha1"].values()) == {None}
 
 
 # --- middleware -----------------------------------------------------------------------------
@@ -400,6 +479,7 @@ def recording_app(seen: dict[str, Any]) -> Any:
         seen["CONTENT_LENGTH"] = environ["CONTENT_LENGTH"]
         seen["body"] = environ["wsgi.input"].read(int(environ["CONTENT_LENGTH"] or 0))
         seen["atts"] = {k: a.path.read_bytes() for k, a in environ["xdsi.attachments"].items()}
+        seen["sha1"] = {k: a.sha1 for k, a in environ["xdsi.attachments"].items()}
         seen["spool"] = environ["xdsi.spool_dir"]
         seen["spool_existed"] = environ["xdsi.spool_dir"].is_dir()
         start_response("200 OK", [("Content-Type", "text/plain")])

@@ -59,7 +59,8 @@ def test_server_certificate(pki_dir: Path) -> None:
                          ip_addresses=("127.0.0.1", "::1", "192.0.2.7"), days=30)
     ca, server = load_certificate(pki.ca_cert), load_certificate(pki.server_cert)
     server.verify_directly_issued_by(ca)
-    assert eku(server) == {ExtendedKeyUsageOID.SERVER_AUTH}
+    # The node certificate also authenticates the gateway's outbound calls.
+    assert eku(server) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
     san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["localhost", "gw.example.org"]
     assert san.get_values_for_type(x509.IPAddress) == [

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import os
 import re
 import uuid
@@ -35,6 +36,7 @@ from gateway.repository.handlers import provide_and_register, retrieve_document_
 from gateway.repository.references import hash_is_referenced
 from gateway.repository.store import DocumentStore
 from gateway.services import Services
+from gateway.soap.mtom import mtom_response, parse_multipart
 from gateway.transactions import Attachment, RequestContext, SoapResponse
 
 HOME = "urn:oid:1.3.6.1.4.1.21367.13.70.200"
@@ -540,6 +542,148 @@ def test_malformed_retrieve_request_is_an_error_value(env: Env) -> None:
     assert out.attachments == ()
 
 
+# --- storing without copying ----------------------------------------------------------------
+
+def spool_through_mtom(env: Env, pnr: etree._Element, contents: Mapping[str, bytes], *,
+                       sha1: bool = False) -> dict[str, Attachment]:
+    """Attach documents the way the edge does: framed as MTOM, then stream-parsed into the
+    request's spool folder (with `sha1`, hashing each part as it is written)."""
+    sources = env.tmp / "client-files"
+    sources.mkdir(exist_ok=True)
+    outgoing = []
+    for i, (entry_id, data) in enumerate(contents.items()):
+        cid = f"part{i}.{uuid.uuid4().hex}@client.example"
+        path = sources / f"{cid}.bin"
+        path.write_bytes(data)
+        outgoing.append(Attachment(cid, path, len(data)))
+        doc = etree.SubElement(pnr, q(XDSB, "Document"), id=entry_id)
+        etree.SubElement(doc, q(XOP, "Include"), nsmap={"xop": XOP}).set("href", f"cid:{cid}")
+    ctype, length, body = mtom_response(b"<e/>", outgoing)
+    _root, spooled = parse_multipart(io.BytesIO(b"".join(body)), ctype, env.spool,
+                                     max_envelope_bytes=1 << 20, max_total_bytes=1 << 30,
+                                     content_length=length, early_writeback=True, sha1=sha1)
+    return dict(spooled)
+
+
+def test_spooled_document_is_linked_not_copied_nor_rehashed_by_the_store(
+        env: Env, conformance: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gateway.repository.store as store_module
+
+    def no_reading(_fh: object) -> tuple[str, int]:
+        raise AssertionError("the store read the document again")
+
+    monkeypatch.setattr(store_module, "_hash_stream", no_reading)
+    pnr = load_message(conformance / SINGLE_DOC)
+    (eo,) = entries(pnr)
+    data = os.urandom(1024 * 1024 + 17)
+    digest = hashlib.sha1(data).hexdigest()
+    add_slot(eo, "hash", digest)
+    add_slot(eo, "size", str(len(data)))
+    attachments = spool_through_mtom(env, pnr, {eid(eo): data}, sha1=True)
+    (att,) = attachments.values()
+    assert att.sha1 == digest
+
+    resp = submit(env, pnr, attachments)
+    assert status_of(resp) == ResponseStatus.SUCCESS, errors_of(resp)
+    stored = env.services.documents.path_for(digest)
+    assert env.stored_files() == [stored]
+    assert stored.stat().st_ino == att.path.stat().st_ino
+    entry = env.services.registry.document_for_retrieve(entry_unique_id(eo), REPO)
+    assert entry is not None
+    assert (slot_value(entry, "hash"), slot_value(entry, "size")) == (digest, str(len(data)))
+    att.path.unlink()  # the edge removes the request's spool folder
+    (doc,) = returned_documents(retrieve(env, (REPO, entry_unique_id(eo), None)))
+    assert doc.data == data
+
+
+def test_spooled_document_is_hashed_once_and_linked(env: Env, conformance: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import gateway.repository.store as store_module
+
+    passes: list[int] = []
+    real = store_module._hash_stream
+
+    def counting(fh: io.BufferedReader) -> tuple[str, int]:
+        passes.append(1)
+        return real(fh)
+
+    monkeypatch.setattr(store_module, "_hash_stream", counting)
+    pnr = load_message(conformance / SINGLE_DOC)
+    (eo,) = entries(pnr)
+    data = os.urandom(2 * 1024 * 1024 + 1)
+    attachments = spool_through_mtom(env, pnr, {eid(eo): data})  # as the edge spools
+    (att,) = attachments.values()
+    assert att.sha1 is None
+    resp = submit(env, pnr, attachments)
+    assert status_of(resp) == ResponseStatus.SUCCESS, errors_of(resp)
+    assert passes == [1]
+    stored = env.services.documents.path_for(hashlib.sha1(data).hexdigest())
+    assert stored.stat().st_ino == att.path.stat().st_ino
+    assert stored.read_bytes() == data
+
+
+def test_wrong_hash_of_a_spooled_document_leaves_no_file(env: Env, conformance: Path) -> None:
+    pnr = load_message(conformance / SINGLE_DOC)
+    (eo,) = entries(pnr)
+    add_slot(eo, "hash", hashlib.sha1(b"what the source meant to send").hexdigest())
+    attachments = spool_through_mtom(env, pnr, {eid(eo): b"what arrived"})
+    resp = submit(env, pnr, attachments)
+    assert [c for c, _, _ in errors_of(resp)] == [ErrorCode.NON_IDENTICAL_HASH]
+    assert env.stored_files() == []
+    assert _staging_files(env) == []
+
+
+def test_registry_crash_after_linking_leaves_no_orphan(env: Env, conformance: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*_a: object, **_k: object) -> None:
+        raise RuntimeError("database exploded")
+
+    monkeypatch.setattr(env.services.registry, "submit", boom)
+    pnr = load_message(conformance / SINGLE_DOC)
+    (eo,) = entries(pnr)
+    attachments = spool_through_mtom(env, pnr, {eid(eo): b"linked, then rolled back"})
+    resp = submit(env, pnr, attachments)
+    assert status_of(resp) == ResponseStatus.FAILURE
+    assert env.stored_files() == []
+    assert _staging_files(env) == []
+    (att,) = attachments.values()
+    assert att.path.read_bytes() == b"linked, then rolled back"  # spool intact, edge's job
+
+
+def test_inline_base64_document_is_hashed_while_decoded_and_linked(env: Env,
+                                                                   conformance: Path) -> None:
+    pnr = load_message(conformance / SINGLE_DOC)
+    (eo,) = entries(pnr)
+    data = os.urandom(70_001)
+    attach(env, pnr, {eid(eo): data}, mtom=False)
+    resp = submit(env, pnr)
+    assert status_of(resp) == ResponseStatus.SUCCESS, errors_of(resp)
+    stored = env.services.documents.path_for(hashlib.sha1(data).hexdigest())
+    assert stored.read_bytes() == data
+    (spooled,) = env.spool.glob("inline-*.bin")
+    assert spooled.stat().st_ino == stored.stat().st_ino
+
+
+def test_document_outside_the_spool_folder_is_copied(env: Env, conformance: Path) -> None:
+    pnr = load_message(conformance / SINGLE_DOC)
+    (eo,) = entries(pnr)
+    elsewhere = env.tmp / "not-the-spool"
+    elsewhere.mkdir()
+    path = elsewhere / "doc.bin"
+    path.write_bytes(b"a file someone else owns")
+    doc = etree.SubElement(pnr, q(XDSB, "Document"), id=eid(eo))
+    etree.SubElement(doc, q(XOP, "Include"), nsmap={"xop": XOP}).set("href", "cid:x@y")
+    resp = submit(env, pnr, {"x@y": Attachment("x@y", path, path.stat().st_size)})
+    assert status_of(resp) == ResponseStatus.SUCCESS, errors_of(resp)
+    (stored,) = env.stored_files()
+    assert stored.stat().st_ino != path.stat().st_ino
+    assert stored.read_bytes() == b"a file someone else owns"
+
+
+def _staging_files(env: Env) -> list[Path]:
+    return list((env.services.documents.directory / ".staging").iterdir())
+
+
 # --- failures inside the gateway -----------------------------------------------------------
 
 def test_registry_crash_leaves_no_orphan_file(env: Env, conformance: Path,
@@ -558,7 +702,7 @@ def test_registry_crash_leaves_no_orphan_file(env: Env, conformance: Path,
 
 def test_store_write_failure_is_a_repository_error(env: Env, conformance: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    def full(_src: Path) -> None:
+    def full(_src: Path, **_kw: object) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(env.services.documents, "put", full)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.repository.store import CHUNK, DocumentStore, normalise_sha1
+from gateway.repository.store import CHUNK, DocumentStore, DocumentStoreError, normalise_sha1
 
 
 def _write(path: Path, data: bytes) -> Path:
@@ -178,3 +178,153 @@ def test_ensure_wins_against_concurrent_removals(tmp_path: Path) -> None:
     store.ensure(sha1, src)
     assert store.path_for(sha1).read_bytes() == src.read_bytes()
     assert _staging(store) == []
+
+
+# --- put by hard link (a request's private spool file) --------------------------------------
+
+def _store_files(store: DocumentStore) -> list[Path]:
+    return sorted(p for p in store.directory.rglob("*") if p.is_file()
+                  and ".staging" not in p.parts and ".locks" not in p.parts)
+
+
+def test_put_link_stores_the_spool_file_itself(tmp_path: Path) -> None:
+    store = DocumentStore(tmp_path / "repo")
+    data = os.urandom(3 * CHUNK + 11)
+    src = _write(tmp_path / "spooled", data)
+    stored = store.put(src, link=True)
+    assert stored.sha1_hex == hashlib.sha1(data).hexdigest()  # hashed by reading it once
+    assert (stored.size, stored.created) == (len(data), True)
+    assert stored.path == store.path_for(stored.sha1_hex)
+    assert stored.path.stat().st_ino == src.stat().st_ino  # no copy
+    assert stored.path.stat().st_mode & 0o777 == 0o644
+    assert _staging(store) == []
+    src.unlink()  # the request's spool folder goes away; the document stays
+    assert stored.path.read_bytes() == data
+
+
+def test_put_link_with_the_spooling_hash_does_not_read_the_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gateway.repository.store as store_module
+
+    def no_reading(_fh: object) -> tuple[str, int]:
+        raise AssertionError("the file was read again")
+
+    monkeypatch.setattr(store_module, "_hash_stream", no_reading)
+    store = DocumentStore(tmp_path / "repo")
+    data = b"hashed while it was spooled"
+    src = _write(tmp_path / "spooled", data)
+    digest = hashlib.sha1(data).hexdigest()
+    stored = store.put(src, sha1=digest.upper(), size=len(data), link=True)
+    assert (stored.sha1_hex, stored.size, stored.created) == (digest, len(data), True)
+    assert stored.path.stat().st_ino == src.stat().st_ino
+    # Identical content already stored: nothing linked, the existing file stays.
+    other = _write(tmp_path / "again", data)
+    again = store.put(other, sha1=digest, size=len(data), link=True)
+    assert again.created is False
+    assert again.path.stat().st_ino == src.stat().st_ino
+    assert _staging(store) == []
+
+
+def test_put_without_link_still_copies(tmp_path: Path) -> None:
+    # A caller's own file may be rewritten later: it must never share the stored inode.
+    store = DocumentStore(tmp_path / "repo")
+    src = _write(tmp_path / "mine", b"my file")
+    stored = store.put(src)
+    assert stored.path.stat().st_ino != src.stat().st_ino
+    src.write_bytes(b"rewritten")
+    assert stored.path.read_bytes() == b"my file"
+
+
+@pytest.mark.parametrize("err", [18, 1, 95])  # EXDEV, EPERM, EOPNOTSUPP
+def test_put_link_falls_back_to_a_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       err: int) -> None:
+    import gateway.repository.store as store_module
+
+    tried: list[Path] = []
+
+    def cannot_link(src: Path, dst: Path) -> None:
+        tried.append(Path(dst))
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(store_module.os, "link", cannot_link)
+    store = DocumentStore(tmp_path / "repo")
+    data = os.urandom(CHUNK + 5)
+    src = _write(tmp_path / "spooled", data)
+    digest = hashlib.sha1(data).hexdigest()
+    stored = store.put(src, sha1=digest, size=len(data), link=True)
+    assert tried and tried[0].parent == store.directory / ".staging"
+    assert (stored.sha1_hex, stored.size, stored.created) == (digest, len(data), True)
+    assert stored.path.stat().st_ino != src.stat().st_ino
+    assert stored.path.read_bytes() == data
+    assert _staging(store) == []
+
+
+def test_copy_fallback_verifies_the_spooling_hash(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import gateway.repository.store as store_module
+
+    def cannot_link(src: Path, dst: Path) -> None:
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(store_module.os, "link", cannot_link)
+    store = DocumentStore(tmp_path / "repo")
+    src = _write(tmp_path / "spooled", b"changed after it was hashed")
+    wrong = hashlib.sha1(b"what was spooled").hexdigest()
+    with pytest.raises(DocumentStoreError):
+        store.put(src, sha1=wrong, link=True)
+    with pytest.raises(DocumentStoreError):
+        store.put(src, size=3)
+    assert _store_files(store) == []
+    assert _staging(store) == []
+
+
+def test_put_link_refuses_a_file_whose_size_changed(tmp_path: Path) -> None:
+    store = DocumentStore(tmp_path / "repo")
+    data = b"spooled bytes"
+    src = _write(tmp_path / "spooled", data + b" and more")
+    with pytest.raises(DocumentStoreError):
+        store.put(src, sha1=hashlib.sha1(data).hexdigest(), size=len(data), link=True)
+    assert _store_files(store) == []
+    assert _staging(store) == []
+
+
+def test_put_link_failure_after_linking_leaves_no_file(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import gateway.repository.store as store_module
+
+    def replace_fails(_a: object, _b: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store_module.os, "replace", replace_fails)
+    store = DocumentStore(tmp_path / "repo")
+    src = _write(tmp_path / "spooled", b"never stored")
+    with pytest.raises(OSError):
+        store.put(src, link=True)
+    assert _store_files(store) == []
+    assert _staging(store) == []
+    assert src.read_bytes() == b"never stored"  # the spool file is the caller's to remove
+
+
+def test_put_link_hard_error_is_a_store_error(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import gateway.repository.store as store_module
+
+    def full(src: Path, dst: Path) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store_module.os, "link", full)
+    store = DocumentStore(tmp_path / "repo")
+    with pytest.raises(DocumentStoreError):
+        store.put(_write(tmp_path / "spooled", b"x"), link=True)
+    assert _store_files(store) == []
+    assert _staging(store) == []
+
+
+def test_ensure_relinks_a_spool_file_removed_by_a_rollback(tmp_path: Path) -> None:
+    store = DocumentStore(tmp_path / "repo")
+    src = _write(tmp_path / "spooled", b"registered, then rolled back by someone else")
+    stored = store.put(src, link=True)
+    assert store.remove_if_unreferenced(stored.sha1_hex) is True
+    restored = store.ensure(stored.sha1_hex, src, link=True)
+    assert restored.created is True
+    assert restored.path.stat().st_ino == src.stat().st_ino

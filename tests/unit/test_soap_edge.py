@@ -17,7 +17,6 @@ from gateway.ns import QUERY, RS, SOAP12, WSA, XDSB, Action, ErrorCode, Response
 from gateway.soap.application import app_factory, failure_body, make_app
 from gateway.transactions import (
     ENDPOINTS,
-    RAD69,
     Attachment,
     Endpoint,
     RequestContext,
@@ -107,8 +106,10 @@ PLAIN = Transaction("T-P", "Plain cleanup", "urn:test:Plain", "urn:test:PlainRes
                     _h("handler_plain_cleanup"))
 MISSING = Transaction("T-M", "Missing module", "urn:test:Missing", "urn:test:MissingResponse",
                       "tests.unit.no_such_module:handler")
+UNBUILT = Transaction("T-U", "Unbuilt Transaction", "urn:test:Unbuilt",
+                      "urn:test:UnbuiltResponse", None)
 TEST_ENDPOINT = Endpoint("/test/edge", "Test edge", "registry.wsdl",
-                         (A, B, QFAIL, CRASH, SFAULT, SPOOL, PLAIN, MISSING))
+                         (A, B, QFAIL, CRASH, SFAULT, SPOOL, PLAIN, MISSING, UNBUILT))
 OTHER_ENDPOINT = Endpoint("/test/other", "Other", "registry.wsdl", (A,))
 
 
@@ -391,12 +392,15 @@ def test_headers_we_need_not_understand_are_accepted(app: Any, header: str) -> N
 
 
 def test_unimplemented_transaction_names_itself(app: Any) -> None:
-    r = call(app, path="/xdsi/imaging-source", body=envelope(Action.RAD69))
-    assert RAD69.handler is None
+    # Every IHE transaction of ENDPOINTS has a handler now; a test-only one stands for the next.
+    r = call(app, path=TEST_ENDPOINT.path, body=envelope(UNBUILT.request_action))
     assert r.status == 500
     assert r.fault() == ("env:Receiver", None,
-                         "RAD-69 Retrieve Imaging Document Set is not implemented by this "
-                         "gateway yet")
+                         "T-U Unbuilt Transaction is not implemented by this gateway yet")
+
+
+def test_every_ihe_transaction_has_a_handler() -> None:
+    assert [t.name for e in ENDPOINTS for t in e.transactions if t.handler is None] == []
 
 
 def test_mtom_request_content_types_are_accepted(app: Any) -> None:

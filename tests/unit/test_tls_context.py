@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from gunicorn.http.errors import NoMoreData
+from gunicorn.workers.gthread import ThreadWorker
 
 from gateway.config import GatewayConfig, ServerConfig, TlsConfig
 from gateway.security.tls import client_context, peer_subject, server_context
@@ -19,9 +21,18 @@ from gateway.soap.server import (
     ACCESS_LOG_FORMAT,
     ClientCertMiddleware,
     GatewayServer,
+    deadlines,
     gunicorn_options,
     main,
     resolve_factory,
+)
+from gateway.soap.worker import (
+    DeadlineConn,
+    Deadlines,
+    DeadlineThreadWorker,
+    RequestTimeout,
+    limit_malloc_arenas,
+    release_memory,
 )
 from tests.support.pki import CLIENT_SUBJECT, TestPki, make_test_pki
 from tests.support.server import write_config
@@ -182,7 +193,9 @@ def test_gunicorn_options(pki: TestPki) -> None:
                                            request_timeout_seconds=120), log_level="info")
     assert opts["bind"] == ["[::]:9443"]
     assert (opts["workers"], opts["threads"], opts["timeout"]) == (3, 7, 120)
-    assert opts["worker_class"] == "gthread" and opts["preload_app"] is False
+    assert issubclass(opts["worker_class"], DeadlineThreadWorker)
+    assert issubclass(opts["worker_class"], ThreadWorker) and opts["preload_app"] is False
+    assert opts["worker_class"].deadlines == Deadlines(10.0, 30.0, 4096.0)  # the defaults
     assert opts["certfile"] == str(pki.dev.server_cert)
     assert opts["accesslog"] == "-"
     # The access log never has the query string, headers or the request line as sent.
@@ -196,7 +209,8 @@ def test_gateway_server_uses_our_tls_context(pki: TestPki) -> None:
     server = GatewayServer(gateway_config(pki), "tests.support.echo_app:app_factory",
                            log_level="warning")
     cfg = server.cfg
-    assert cfg.is_ssl and cfg.worker_class_str == "gthread"
+    assert cfg.is_ssl and cfg.worker_class_str == "DeadlineThreadWorker"
+    assert issubclass(cfg.worker_class, DeadlineThreadWorker)
 
     def gunicorn_default() -> ssl.SSLContext:
         raise AssertionError("gunicorn's default context must not be used")
@@ -269,3 +283,68 @@ def test_main_refuses_bad_arguments_before_serving(pki: TestPki, tmp_path: Path,
                                                  str(pki.other_client_key)))
     assert main(["--config", str(broken), "--app", APP]) == 2  # key does not match the cert
     assert "[tls]" in capsys.readouterr().err
+
+
+# --- request deadlines (gateway.soap.worker) -------------------------------------------------
+
+def deadline_conn(sock: socket.socket, deadlines: Deadlines) -> DeadlineConn:
+    conn = DeadlineConn(object(), sock, ("127.0.0.1", 1), ("127.0.0.1", 2), deadlines)
+    conn.sock.setblocking(True)
+    return conn
+
+
+def test_deadlines_from_config() -> None:
+    cfg = GatewayConfig(server=ServerConfig(header_timeout_seconds=3, body_timeout_seconds=7,
+                                            min_body_rate_bytes_per_second=100))
+    assert deadlines(cfg) == Deadlines(3.0, 7.0, 100.0)
+    assert gunicorn_options(cfg, log_level="warning")["worker_class"].deadlines == \
+        Deadlines(3.0, 7.0, 100.0)
+
+
+def test_body_deadline_grows_with_the_bytes_received() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        conn = deadline_conn(a, Deadlines(header_timeout=5, body_timeout=2, min_body_rate=100))
+        assert conn.remaining() is None  # between requests, no read is pending
+        conn.read_deadline = time.monotonic() + 5
+        assert 4 < (conn.remaining() or 0) <= 5
+        conn.body_start = time.monotonic()
+        assert 1 < (conn.remaining() or 0) <= 2
+        conn.body_received = 1000  # 10 s more at 100 bytes per second
+        assert 11 < (conn.remaining() or 0) <= 12
+
+
+def test_reader_raises_request_timeout_past_the_deadline() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        conn = deadline_conn(a, Deadlines(header_timeout=5, body_timeout=1, min_body_rate=0))
+        conn.body_start = time.monotonic() - 0.8  # 0.2 s left
+        b.sendall(b"abc")
+        assert conn.reader.recv(10) == b"abc"
+        assert conn.body_received == 3
+        with pytest.raises(RequestTimeout) as info:
+            conn.reader.recv(10)  # nothing more comes
+        assert conn.timed_out == "body"
+        # gunicorn's connection handler closes quietly on NoMoreData; its body drain and
+        # the application see a TimeoutError (an OSError).
+        assert isinstance(info.value, NoMoreData) and isinstance(info.value, TimeoutError)
+        assert a.gettimeout() is None  # blocking again for the response
+        with pytest.raises(RequestTimeout):
+            conn.reader.recv(10)  # past the deadline: at once
+
+
+def test_reader_honours_a_shorter_timeout_set_by_gunicorn() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        conn = deadline_conn(a, Deadlines())
+        conn.reader.settimeout(0.1)  # gunicorn's keep-alive body drain
+        assert conn.reader.gettimeout() == 0.1
+        with pytest.raises(TimeoutError) as info:
+            conn.reader.recv(10)
+        assert not isinstance(info.value, RequestTimeout) and conn.timed_out is None
+
+
+def test_malloc_tuning_is_harmless() -> None:
+    # glibc: True (the arena cap is accepted); elsewhere False. Either way no exception.
+    assert limit_malloc_arenas(8) in (True, False)
+    assert release_memory() in (True, False)

@@ -9,6 +9,7 @@ stays small; tuples come back as tuples.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import MISSING, fields, is_dataclass
 from typing import Any
@@ -31,14 +32,18 @@ _TYPES: dict[str, type] = {
 }
 
 
-def _default(cls: type, name: str) -> Any:
+@functools.cache
+def _fields_and_defaults(cls: type) -> tuple[tuple[str, Any], ...]:
+    """(field name, default or MISSING) for each field of a model class, computed once."""
+    out = []
     for f in fields(cls):
-        if f.name == name:
-            if f.default is not MISSING:
-                return f.default
-            if f.default_factory is not MISSING:
-                return f.default_factory()
-    return MISSING
+        if f.default is not MISSING:
+            out.append((f.name, f.default))
+        elif f.default_factory is not MISSING:
+            out.append((f.name, f.default_factory()))
+        else:
+            out.append((f.name, MISSING))
+    return tuple(out)
 
 
 def _to_json(value: Any) -> Any:
@@ -47,11 +52,11 @@ def _to_json(value: Any) -> Any:
         if cls.__name__ not in _TYPES:
             raise TypeError(f"cannot encode {cls.__name__}")
         out: dict[str, Any] = {"@": cls.__name__}
-        for f in fields(value):
-            v = getattr(value, f.name)
-            if _default(cls, f.name) is not MISSING and v == _default(cls, f.name):
+        for name, default in _fields_and_defaults(cls):
+            v = getattr(value, name)
+            if default is not MISSING and v == default:
                 continue
-            out[f.name] = _to_json(v)
+            out[name] = _to_json(v)
         return out
     if isinstance(value, tuple):
         return [_to_json(v) for v in value]

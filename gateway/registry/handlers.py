@@ -150,6 +150,14 @@ def execute_stored_query(services: Services, query: AdhocQuery) -> list[Identifi
         raise XdsFailure(XdsError(
             ErrorCode.TOO_MANY_RESULTS,
             f"{definition.name} matches more than {max_results} objects; narrow the query"))
+    if definition.single_patient and return_type == ReturnType.LEAF_CLASS:
+        patients = {pid for o in found if not isinstance(o, Association)
+                    and (pid := patient_id(o)) is not None}
+        if len(patients) > 1:
+            raise XdsFailure(XdsError(
+                ErrorCode.RESULT_NOT_SINGLE_PATIENT,
+                f"{definition.name}: the objects asked for belong to {len(patients)} "
+                "patients; ask for ObjectRef or for one patient's objects"))
     if return_type == ReturnType.OBJECT_REF:
         return [ObjectRef(o.id, o.home) for o in found]
     return list(found)

@@ -19,14 +19,17 @@ from dataclasses import dataclass, field
 
 from gateway.ebrim.model import Slot
 from gateway.errors import XdsError, XdsFailure
-from gateway.ns import AvailabilityStatus, ErrorCode
+from gateway.ns import AvailabilityStatus, ErrorCode, ObjectType
 
 
 class ParamKind:
     STRING = "string"
     CODE = "code"  # code^^^codingScheme (also code^^codingScheme, HL7 CE)
-    NUMBER = "number"  # times (DTM) and $MetadataLevel: bare digits or a quoted number
+    NUMBER = "number"  # bare digits or a quoted number
+    TIME = "time"  # a DTM: YYYY[MM[DD[hh[mm[ss]]]]], UTC, digits only (ITI TF-3 Table 4.2.3.1.7-2)
     STATUS = "status"  # an availabilityStatus URN (short names Approved/... accepted)
+    OBJECT_TYPE = "objectType"  # stable or on-demand DocumentEntry objectType
+    METADATA_LEVEL = "metadataLevel"  # 1, or 2 (Metadata Update)
 
 
 @dataclass(frozen=True)
@@ -108,14 +111,19 @@ def _scalar(s: str, pos: int) -> tuple[str, int]:
     return s[pos:end], end
 
 
-def parse_code(value: str) -> tuple[str, str | None]:
-    """`code^^^scheme` (or `code^^scheme`, `code`) -> (code, scheme or None)."""
+def parse_code(value: str) -> tuple[str, str]:
+    """`code^^^scheme` (or the HL7 CE form `code^^scheme`) -> (code, scheme).
+
+    ITI TF-2a 3.18.4.1.2.3.5: a coded parameter carries both the code and its coding scheme;
+    a value without a scheme (`Dialysis`, `a^^`) is malformed, not a wildcard.
+    """
     parts = value.split("^")
     code = parts[0]
-    scheme = parts[-1] if len(parts) > 1 and parts[-1] else None
     if not code:
         raise ParamSyntaxError(f"no code in {value!r}")
-    return code, scheme
+    if len(parts) < 3 or not parts[-1] or any(parts[1:-1]):
+        raise ParamSyntaxError(f"{value!r} is not code^^^codingScheme")
+    return code, parts[-1]
 
 
 _SHORT_STATUS = {
@@ -123,6 +131,22 @@ _SHORT_STATUS = {
     "Deprecated": AvailabilityStatus.DEPRECATED,
     "Submitted": AvailabilityStatus.SUBMITTED,
 }
+_STATUSES = {AvailabilityStatus.APPROVED, AvailabilityStatus.DEPRECATED,
+             AvailabilityStatus.SUBMITTED, *_SHORT_STATUS}
+_OBJECT_TYPES = {ObjectType.STABLE_DOCUMENT_ENTRY, ObjectType.ON_DEMAND_DOCUMENT_ENTRY}
+_DTM_LENGTHS = {4, 6, 8, 10, 12, 14}
+# Upper bounds of month, day, hour, minute, second at their offsets in a DTM.
+_DTM_FIELDS = ((4, 1, 12), (6, 1, 31), (8, 0, 23), (10, 0, 59), (12, 0, 59))
+
+
+def check_dtm(value: str) -> str | None:
+    """Why `value` is not an XDS DTM, or None when it is one."""
+    if not value.isdigit() or len(value) not in _DTM_LENGTHS:
+        return f"{value!r} is not a DTM (YYYY[MM[DD[hh[mm[ss]]]]], digits only)"
+    for offset, low, high in _DTM_FIELDS:
+        if len(value) > offset and not low <= int(value[offset:offset + 2]) <= high:
+            return f"{value!r} is not a valid DTM (field at position {offset + 1})"
+    return None
 
 
 @dataclass
@@ -197,7 +221,7 @@ class QueryParams:
     def statuses(self, name: str) -> list[str]:
         return [_SHORT_STATUS.get(v, v) for v in self.values(name)]
 
-    def code_groups(self, name: str) -> list[list[tuple[str, str | None]]]:
+    def code_groups(self, name: str) -> list[list[tuple[str, str]]]:
         return [[parse_code(v) for v in group] for group in self.groups(name)]
 
 
@@ -205,6 +229,18 @@ def _check_kind(name: str, kind: str, value: str) -> XdsError | None:
     if kind == ParamKind.NUMBER and not value.isdigit():
         return XdsError(ErrorCode.REGISTRY_ERROR,
                         f"parameter {name}: {value!r} is not a number")
+    if kind == ParamKind.TIME and (why := check_dtm(value)) is not None:
+        return XdsError(ErrorCode.REGISTRY_ERROR, f"parameter {name}: {why}")
+    if kind == ParamKind.STATUS and value not in _STATUSES:
+        return XdsError(ErrorCode.REGISTRY_ERROR,
+                        f"parameter {name}: {value!r} is not an availabilityStatus")
+    if kind == ParamKind.OBJECT_TYPE and value not in _OBJECT_TYPES:
+        return XdsError(ErrorCode.REGISTRY_ERROR,
+                        f"parameter {name}: {value!r} is neither the stable nor the on-demand "
+                        "DocumentEntry objectType")
+    if kind == ParamKind.METADATA_LEVEL and value not in ("1", "2"):
+        return XdsError(ErrorCode.REGISTRY_ERROR,
+                        f"parameter {name}: {value!r} is not a metadata level (1 or 2)")
     if kind == ParamKind.CODE:
         try:
             parse_code(value)

@@ -28,8 +28,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, create_engine, event, func, or_, select
+from sqlalchemy import (
+    Connection,
+    Engine,
+    String,
+    and_,
+    create_engine,
+    event,
+    exists,
+    func,
+    literal,
+    or_,
+    select,
+)
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.sql.elements import ColumnElement
 
 from gateway.ebrim.model import (
     Association,
@@ -658,28 +671,17 @@ class RegistryStore:
                                   ro.c.status.in_(list(statuses)))
         if object_types:
             q = q.where(ro.c.object_type.in_(list(object_types)))
-        for scheme, groups in (codes or {}).items():
-            for group in groups:
-                alts = [and_(object_code.c.code == code,
-                             object_code.c.coding_scheme == cs) if cs is not None
-                        else object_code.c.code == code for code, cs in group]
-                if not alts:
-                    continue
-                q = q.where(ro.c.id.in_(select(object_code.c.object_id).where(
-                    object_code.c.scheme == scheme, or_(*alts))))
+        q = q.where(*code_clauses(codes))
         for column, (lo, hi) in ((ro.c.creation_time, creation_time),
                                  (ro.c.service_start_time, service_start_time),
                                  (ro.c.service_stop_time, service_stop_time)):
-            if lo is not None:
-                q = q.where(func.substr(column, 1, len(lo)) >= lo)
-            if hi is not None:
-                q = q.where(func.substr(column, 1, len(hi)) < hi)
+            q = q.where(*time_range_clauses(column, lo, hi))
         if author_persons:
-            q = q.where(ro.c.id.in_(select(author.c.object_id).where(
-                or_(*[author.c.person.like(p, escape="\\") for p in author_persons]))))
+            q = q.where(exists().where(author.c.object_id == ro.c.id, or_(
+                *[author.c.person.like(p, escape="\\") for p in author_persons])))
         if reference_ids:
-            q = q.where(ro.c.id.in_(select(reference_id.c.object_id).where(
-                reference_id.c.value.in_(list(reference_ids)))))
+            q = q.where(exists().where(reference_id.c.object_id == ro.c.id,
+                                       reference_id.c.value.in_(list(reference_ids))))
         q = q.order_by(ro.c.creation_time, ro.c.id)
         if limit is not None:
             q = q.limit(limit)
@@ -687,6 +689,97 @@ class RegistryStore:
             ids = list(conn.scalars(q))
             loaded = self._load(conn, ids)
         return [o for i in ids if isinstance(o := loaded[i].obj, ExtrinsicObject)]
+
+    def find_objects(
+        self,
+        kind: str,
+        patient_id: str,
+        statuses: Sequence[str],
+        *,
+        object_types: Sequence[str] | None = None,
+        codes: Mapping[str, Sequence[Sequence[tuple[str, str | None]]]] | None = None,
+        time_column: str | None = None,
+        time_range: tuple[str | None, str | None] = (None, None),
+        author_persons: Sequence[str] | None = None,
+        limit: int | None = None,
+    ) -> list[ExtrinsicObject | RegistryPackage]:
+        """Objects of one kind and patient (FindSubmissionSets, FindFolders, GetAll).
+
+        `time_column` names the DTM column `time_range` applies to (submission_time,
+        last_update_time, creation_time, ...). Other arguments as for find_documents.
+        Results are in registration order.
+        """
+        q = select(ro.c.id).where(ro.c.kind == kind, ro.c.patient_id == patient_id,
+                                  ro.c.status.in_(list(statuses)))
+        if object_types:
+            q = q.where(ro.c.object_type.in_(list(object_types)))
+        q = q.where(*code_clauses(codes))
+        if time_column is not None:
+            q = q.where(*time_range_clauses(ro.c[time_column], *time_range))
+        if author_persons:
+            q = q.where(exists().where(author.c.object_id == ro.c.id, or_(
+                *[author.c.person.like(p, escape="\\") for p in author_persons])))
+        q = q.order_by(ro.c.seq, ro.c.id) if kind != Kind.DOCUMENT_ENTRY else \
+            q.order_by(ro.c.creation_time, ro.c.id)
+        if limit is not None:
+            q = q.limit(limit)
+        with self._transaction() as conn:
+            ids = list(conn.scalars(q))
+            loaded = self._load(conn, ids)
+        return [o for i in ids
+                if isinstance(o := loaded[i].obj, (ExtrinsicObject, RegistryPackage))]
+
+    def find_by_lids(self, kind: str, lids: Sequence[str]) -> list[StoredObject]:
+        """Every version of the objects of `kind` with these logical ids."""
+        out: list[StoredObject] = []
+        with self._transaction() as conn:
+            for chunk in _chunks(list(dict.fromkeys(lids))):
+                ids = list(conn.scalars(select(ro.c.id).where(
+                    ro.c.kind == kind, ro.c.lid.in_(chunk)).order_by(ro.c.lid, ro.c.id)))
+                loaded = self._load(conn, ids)
+                out.extend(loaded[i] for i in ids)
+        return out
+
+    def associations(self, *, sources: Sequence[str] | None = None,
+                     targets: Sequence[str] | None = None,
+                     either: Sequence[str] | None = None,
+                     types: Sequence[str] | None = None,
+                     statuses: Sequence[str] | None = None) -> list[Association]:
+        """Associations by their ends: source in `sources`, target in `targets`, or either end
+        in `either` (the given lists are ANDed); of these `types` and availabilityStatus."""
+        given = [x for x in (sources, targets, either) if x is not None]
+        if not given or any(not x for x in given):
+            return []
+        conds: list[ColumnElement[bool]] = []
+        if types:
+            conds.append(association.c.type.in_(list(types)))
+        if statuses:
+            conds.append(association.c.id.in_(select(ro.c.id).where(
+                ro.c.kind == Kind.ASSOCIATION, ro.c.status.in_(list(statuses)))))
+        found: list[str] = []
+        # Chunk on the longest list; the others are bound whole (they are short in practice).
+        with self._transaction() as conn:
+            lists = {"sources": sources, "targets": targets, "either": either}
+            longest = max((k for k, v in lists.items() if v is not None),
+                          key=lambda k: len(lists[k] or []))
+            for chunk in _chunks(list(dict.fromkeys(lists[longest] or []))):
+                where = list(conds)
+                for key, values in lists.items():
+                    if values is None:
+                        continue
+                    vals = chunk if key == longest else list(dict.fromkeys(values))
+                    if key == "sources":
+                        where.append(association.c.source.in_(vals))
+                    elif key == "targets":
+                        where.append(association.c.target.in_(vals))
+                    else:
+                        where.append(or_(association.c.source.in_(vals),
+                                         association.c.target.in_(vals)))
+                found.extend(conn.scalars(
+                    select(association.c.id).join(ro, ro.c.id == association.c.id)
+                    .where(*where).order_by(ro.c.seq, association.c.id)))
+            loaded = self._load(conn, found)
+        return [o for i in dict.fromkeys(found) if isinstance(o := loaded[i].obj, Association)]
 
     def document_for_retrieve(self, unique_id: str,
                               repository_unique_id: str) -> ExtrinsicObject | None:
@@ -729,6 +822,43 @@ class RegistryStore:
             q = q.where(ro.c.kind == kind)
         with self._transaction() as conn:
             return int(conn.scalar(q) or 0)
+
+
+def time_range_clauses(column: Any, lo: str | None, hi: str | None
+                       ) -> list[ColumnElement[bool]]:
+    """SQL conditions for a stored-query time range on a DTM column.
+
+    From is inclusive, To exclusive (ITI TF-2a 3.18.4.1.2.3.7.1), and the two DTMs are
+    compared at their common precision: each is truncated to the length of the shorter one.
+    So a stored `2004` matches From `20040101` (its year is not before the bound) and a
+    stored `20041231235959` is compared with To `2005` as `2004` < `2005`. An object without
+    the attribute never matches a range on it.
+    """
+    out: list[ColumnElement[bool]] = []
+    for bound, lower in ((lo, True), (hi, False)):
+        if bound is None:
+            continue
+        stored = func.substr(column, 1, len(bound))
+        asked = func.substr(literal(bound, String), 1, func.length(column))
+        out.append(column.is_not(None))
+        out.append(stored >= asked if lower else stored < asked)
+    return out
+
+
+def code_clauses(codes: Mapping[str, Sequence[Sequence[tuple[str, str | None]]]] | None
+                 ) -> list[ColumnElement[bool]]:
+    """One IN (subquery) per ANDed group; the (code, codingScheme) pairs of a group are ORed
+    (codingScheme None matches any scheme)."""
+    out: list[ColumnElement[bool]] = []
+    for scheme, groups in (codes or {}).items():
+        for group in groups:
+            alts = [and_(object_code.c.code == code, object_code.c.coding_scheme == cs)
+                    if cs is not None else object_code.c.code == code for code, cs in group]
+            if alts:
+                # correlated EXISTS: one index probe per candidate row (ix_object_code_object)
+                out.append(exists().where(object_code.c.object_id == ro.c.id,
+                                          object_code.c.scheme == scheme, or_(*alts)))
+    return out
 
 
 def _chunks(items: Sequence[str]) -> Iterator[list[str]]:

@@ -1,17 +1,15 @@
-"""RegistryStore on a temporary SQLite file (and on PostgreSQL when XDSI_TEST_POSTGRES_URL is
-set): atomic submissions, uniqueId conflicts, the RPLC lifecycle and the FindDocuments
-filters, on metadata made by gateway.ebrim.build."""
+"""RegistryStore on a temporary SQLite file and on a private PostgreSQL server: atomic
+submissions, uniqueId conflicts, the RPLC lifecycle and the FindDocuments filters,
+on metadata made by gateway.ebrim.build."""
 
 from __future__ import annotations
 
 import multiprocessing
-import os
 import uuid
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine
 
 from gateway.ebrim import build
 from gateway.ebrim.model import (
@@ -30,7 +28,6 @@ from gateway.ns import (
     ObjectType,
 )
 from gateway.registry import codec
-from gateway.registry.schema import metadata
 from gateway.registry.store import Kind, RegistryStore, engine_url
 
 PID = "P1^^^&1.3.6.1.4.1.21367.13.20.1000&ISO"
@@ -40,25 +37,10 @@ IMAGES = build.CodeValue("IMAGES", "1.3.6.1.4.1.19376.1.2.6.1", "Images")
 REPORTS = build.CodeValue("REPORTS", "1.3.6.1.4.1.19376.1.2.6.1", "Reports")
 
 
-def _backends() -> list[str]:
-    out = ["sqlite"]
-    if os.environ.get("XDSI_TEST_POSTGRES_URL"):
-        out.append("postgresql")
-    return out
-
-
-@pytest.fixture(params=_backends())
-def store(request: pytest.FixtureRequest, tmp_path: Path):
-    if request.param == "sqlite":
-        s = RegistryStore(f"sqlite:///{tmp_path / 'registry.db'}")
-    else:
-        url = os.environ["XDSI_TEST_POSTGRES_URL"]
-        engine = create_engine(engine_url(url))
-        metadata.drop_all(engine)
-        engine.dispose()
-        s = RegistryStore(url)
-    yield s
-    s.close()
+@pytest.fixture
+def store(registry_store: RegistryStore) -> RegistryStore:
+    """A fresh registry on SQLite and on PostgreSQL (tests/unit/conftest.py)."""
+    return registry_store
 
 
 _counter = iter(range(1, 1_000_000))

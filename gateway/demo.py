@@ -2,13 +2,20 @@
 
 It submits a sample radiology report and a KOS manifest built from pydicom's bundled CT image
 with ITI-41 (MTOM) over mutual TLS, finds them with ITI-18, retrieves them with ITI-43, checks
-the bytes and prints a summary. `--serve` then keeps the gateway running.
+the bytes and prints a summary. Then the imaging part (`exercise_imaging`): an embedded PACS on
+loopback (`gateway.demo_pacs`: Orthanc when installed, else a pynetdicom Q/R SCP) is loaded with
+sample studies, the KOS publisher (`gateway.imaging.publish`) registers one manifest per study,
+and the demo plays the consumer: ITI-18 FindDocuments by modality (eventCode CT^^DCM), ITI-43
+for the manifest, RAD-69 for the images it references, written to <workdir>/retrieved and
+compared byte for byte with what was loaded into the PACS. `--serve` then keeps the gateway
+(and the PACS) running.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import shutil
 import signal
@@ -16,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,9 +31,18 @@ from pathlib import Path
 
 import requests
 from lxml import etree
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.data import get_testdata_file
 
+from gateway.config import load as load_config
+from gateway.demo_pacs import PATIENT_ID as PACS_PATIENT
+from gateway.demo_pacs import (
+    DemoPacs,
+    DemoPacsError,
+    dataset_bytes,
+    sample_studies,
+    start_demo_pacs,
+)
 from gateway.ebrim import build
 from gateway.ebrim.metadata import slot_value, unique_id
 from gateway.ebrim.model import (
@@ -42,7 +59,8 @@ from gateway.ebrim.render import (
     render_submit_objects_request,
 )
 from gateway.imaging.kos import ManifestOptions, build_manifest
-from gateway.ns import XDSB, XOP, Action, AvailabilityStatus, ResponseStatus, StoredQuery, q
+from gateway.imaging.publish import Selection, publish
+from gateway.ns import XDSB, XDSI, XOP, Action, AvailabilityStatus, ResponseStatus, StoredQuery, q
 from gateway.security.pki import DevPki, create_dev_pki
 from gateway.soap.client import SoapClient
 from gateway.transactions import Attachment
@@ -62,8 +80,10 @@ def free_port() -> int:
 
 
 def write_config(workdir: Path, pki: DevPki, port: int, *, workers: int = 2,
-                 max_request_bytes: int = 1 << 30, max_envelope_bytes: int = 64 << 20) -> Path:
-    """A loopback configuration with the development PKI, in `workdir`."""
+                 max_request_bytes: int = 1 << 30, max_envelope_bytes: int = 64 << 20,
+                 pacs: tuple[int, str] | None = None) -> Path:
+    """A loopback configuration with the development PKI, in `workdir`; with `pacs`
+    (DICOM port, AE title), a [pacs] section for a PACS on loopback (C-GET)."""
     cfg = workdir / "gateway.toml"
     cfg.write_text(f"""\
 # Written by `xdsi-gateway demo`: a loopback gateway with a development PKI.
@@ -92,6 +112,17 @@ database = "sqlite:///{workdir / 'var' / 'registry.db'}"
 [repository]
 directory = "{workdir / 'var' / 'repository'}"
 """)
+    if pacs is not None:
+        with cfg.open("a") as fh:
+            fh.write(f"""
+[pacs]
+host = "127.0.0.1"
+port = {pacs[0]}
+called_ae_title = "{pacs[1]}"
+calling_ae_title = "XDSI-GW"
+retrieve = "c-get"
+timeout_seconds = 10
+""")
     return cfg
 
 
@@ -101,11 +132,12 @@ class RunningGateway:
     base_url: str
 
     def stop(self) -> None:
+        """SIGTERM (graceful), then SIGKILL after 15 s or on a second interrupt."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
+            except (subprocess.TimeoutExpired, KeyboardInterrupt):
                 self.process.kill()
                 self.process.wait()
 
@@ -115,24 +147,30 @@ def start_gateway(config: Path, pki: DevPki, port: int, *, log_level: str = "WAR
     """Start `xdsi-gateway serve` in a child process and wait until /health answers."""
     proc = subprocess.Popen([sys.executable, "-m", "gateway", "--log-level", log_level,
                              "serve", "--config", str(config)])
-    base = f"https://127.0.0.1:{port}"
+    running = RunningGateway(proc, f"https://127.0.0.1:{port}")
     session = requests.Session()
     session.trust_env = False
     deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the gateway exited with status {proc.returncode} at start")
-        try:
-            r = session.get(base + "/health", verify=str(pki.ca_cert),
-                            cert=(str(pki.client_cert), str(pki.client_key)), timeout=2)
-            if r.status_code == 200:
-                return RunningGateway(proc, base)
-        except requests.RequestException:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"the gateway did not answer on {base} within {timeout:.0f} s")
-        time.sleep(0.2)
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the gateway exited with status {proc.returncode} at start")
+            try:
+                r = session.get(running.base_url + "/health", verify=str(pki.ca_cert),
+                                cert=(str(pki.client_cert), str(pki.client_key)), timeout=2)
+                if r.status_code == 200:
+                    return running
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the gateway did not answer on {running.base_url} "
+                                   f"within {timeout:.0f} s")
+            time.sleep(0.2)
+    except BaseException:  # also KeyboardInterrupt: never leave the child behind
+        running.stop()
+        raise
+    finally:
+        session.close()
 
 
 def _codes() -> dict[str, build.CodeValue]:
@@ -272,42 +310,245 @@ def exercise(client: SoapClient, workdir: Path, say: Callable[[str], None]) -> b
     return ok
 
 
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+IMPLICIT_LE = "1.2.840.10008.1.2"
+
+
+def rad69_body(triples: list[tuple[str, str, str]], syntaxes: tuple[str, ...],
+               repository: str = IMAGING_SOURCE) -> etree._Element:
+    """A RetrieveImagingDocumentSetRequest for (study, series, SOP instance) UID triples."""
+    root = etree.Element(q(XDSI, "RetrieveImagingDocumentSetRequest"),
+                         nsmap={"xdsi": XDSI, "xdsb": XDSB})
+    studies: dict[str, dict[str, list[str]]] = {}
+    for study, series, sop in triples:
+        studies.setdefault(study, {}).setdefault(series, []).append(sop)
+    for study, by_series in studies.items():
+        st = etree.SubElement(root, q(XDSI, "StudyRequest"), studyInstanceUID=study)
+        for series, sops in by_series.items():
+            se = etree.SubElement(st, q(XDSI, "SeriesRequest"), seriesInstanceUID=series)
+            for sop in sops:
+                d = etree.SubElement(se, q(XDSB, "DocumentRequest"))
+                etree.SubElement(d, q(XDSB, "RepositoryUniqueId")).text = repository
+                etree.SubElement(d, q(XDSB, "DocumentUniqueId")).text = sop
+    tsl = etree.SubElement(root, q(XDSI, "TransferSyntaxUIDList"))
+    for ts in syntaxes:
+        etree.SubElement(tsl, q(XDSI, "TransferSyntaxUID")).text = ts
+    return root
+
+
+def manifest_references(kos: Dataset) -> list[tuple[str, str, str]]:
+    """(study, series, SOP instance) UIDs of a KOS manifest's evidence sequence."""
+    triples = []
+    for study in kos.get("CurrentRequestedProcedureEvidenceSequence", []):
+        for series in study.get("ReferencedSeriesSequence", []):
+            for inst in series.get("ReferencedSOPSequence", []):
+                triples.append((str(study.StudyInstanceUID), str(series.SeriesInstanceUID),
+                                str(inst.ReferencedSOPInstanceUID)))
+    return triples
+
+
+def exercise_imaging(client: SoapClient, config_path: Path, pacs: DemoPacs, workdir: Path,
+                     say: Callable[[str], None]) -> bool:
+    """Load sample studies into the PACS, publish their KOS manifests, then as a consumer:
+    ITI-18 FindDocuments by modality (CT), ITI-43 for the manifests, RAD-69 for the images,
+    written to `workdir`/retrieved and compared byte for byte (dataset after the file meta
+    group) with the files loaded into the PACS. True when every check passed."""
+    for folder in ("samples", "retrieved"):  # this run's files only
+        shutil.rmtree(workdir / folder, ignore_errors=True)
+    studies = sample_studies(workdir / "samples")
+    files = [f for s in studies for f in s.files]
+    pacs.load(files)
+    say(f"PACS: {pacs.kind} (AE {pacs.aet}, 127.0.0.1:{pacs.dicom_port}) loaded with "
+        f"{len(files)} instances in {len(studies)} studies ("
+        + ", ".join(f"{s.modality} x{len(s.files)}" for s in studies) + ")")
+
+    config = load_config(config_path)
+    publisher_log = logging.getLogger("gateway.imaging.publish")
+    level = publisher_log.level
+    publisher_log.setLevel(logging.WARNING)  # the summary line below says it all
+    try:
+        summary = publish(config, Selection())
+    finally:
+        publisher_log.setLevel(level)
+    ours = {r.study_uid: r for r in summary.results}
+    say(f"KOS publisher (C-FIND, then ITI-41 to the built-in repository): {summary.line()}")
+    if any(ours.get(s.study_uid) is None or ours[s.study_uid].outcome != "published"
+           for s in studies):
+        for r in summary.results:
+            if r.outcome == "failed":
+                say(f"  failed: {r.message}")
+        return False
+
+    ct = [s for s in studies if s.modality == "CT"]
+    wanted = {ours[s.study_uid].manifest_uid for s in ct}
+    published = {r.manifest_uid for r in summary.results}
+    patient = f"{PACS_PATIENT}^^^&{AUTHORITY}&ISO"
+    query = AdhocQuery(query_id=StoredQuery.FIND_DOCUMENTS, parameters=(
+        Slot("$XDSDocumentEntryPatientId", (f"'{patient}'",)),
+        Slot("$XDSDocumentEntryStatus", (f"('{AvailabilityStatus.APPROVED}')",)),
+        Slot("$XDSDocumentEntryEventCodeList", ("('CT^^DCM')",)),
+    ))
+    reply = client.call("/xds/registry", Action.ITI18, render_adhoc_query_request(query))
+    assert reply.body is not None
+    found = parse_adhoc_query_response(reply.body)
+    entries = [o for o in found.objects if isinstance(o, ExtrinsicObject)
+               and unique_id(o) in published]
+    say(f"ITI-18 FindDocuments eventCode CT^^DCM -> {_short(found.status)}, "
+        f"{len(entries)} of the {len(published)} manifests just published")
+    if {unique_id(o) for o in entries} != wanted:
+        return False
+
+    out = workdir / "retrieved"
+    out.mkdir(parents=True, exist_ok=True)
+    spool = Path(tempfile.mkdtemp(prefix="retrieve-", dir=workdir))
+    try:
+        reply = client.call("/xds/repository", Action.ITI43,
+                            render_retrieve_document_set_request(RetrieveDocumentSetRequest(
+                                documents=tuple(DocumentRequest(
+                                    repository_unique_id=slot_value(o, "repositoryUniqueId")
+                                    or "", document_unique_id=unique_id(o) or "")
+                                    for o in entries))), spool_dir=spool)
+        assert reply.body is not None
+        retrieved = parse_retrieve_document_set_response(reply.body)
+        triples: list[tuple[str, str, str]] = []
+        for doc in retrieved.documents:
+            path = reply.attachment_path(doc.content_id)
+            if path is None:
+                return False
+            kos = dcmread(str(path))
+            target = out / f"manifest-{doc.document_unique_id}.dcm"
+            shutil.move(str(path), target)
+            triples += manifest_references(kos)
+        say(f"ITI-43 Retrieve Document Set -> {_short(retrieved.status)}, "
+            f"{len(retrieved.documents)} KOS manifest(s) referencing {len(triples)} instances")
+        originals = {str(dcmread(str(f), stop_before_pixels=True).SOPInstanceUID): f
+                     for s in ct for f in s.files}
+        if len(retrieved.documents) != len(entries) or \
+                {t[2] for t in triples} != set(originals):
+            return False
+
+        reply = client.call("/xdsi/imaging-source", Action.RAD69,
+                            rad69_body(triples, (EXPLICIT_LE, IMPLICIT_LE)), spool_dir=spool)
+        assert reply.body is not None
+        images = parse_retrieve_document_set_response(reply.body)
+        say(f"RAD-69 Retrieve Imaging Document Set (C-GET from the PACS, MTOM) -> "
+            f"{_short(images.status)}, {len(images.documents)} instances, "
+            f"written to {out}")
+        for error in images.errors:
+            say(f"  {error.code}: {error.context}")
+        ok = len(images.documents) == len(originals)
+        for doc in images.documents:
+            path = reply.attachment_path(doc.content_id)
+            original = originals.get(doc.document_unique_id)
+            target = out / f"{doc.document_unique_id}.dcm"
+            if path is not None:
+                shutil.move(str(path), target)
+            same = path is not None and original is not None and \
+                dataset_bytes(target) == dataset_bytes(original)
+            ok = ok and same
+            say("  " + _instance_line(target if path is not None else None, same))
+        return ok
+    finally:
+        shutil.rmtree(spool, ignore_errors=True)
+
+
+def _instance_line(path: Path | None, same: bool) -> str:
+    """`CT Image Storage, Explicit VR Little Endian, 39214 bytes: byte-exact`."""
+    if path is None:
+        return "(no MTOM part): DIFFERENT"
+    ds = dcmread(str(path), stop_before_pixels=True)
+    return (f"{ds.SOPClassUID.name}, {ds.file_meta.TransferSyntaxUID.name}, "
+            f"{path.stat().st_size} bytes, {path.name[-24:]}: "
+            + ("byte-exact" if same else "DIFFERENT"))
+
+
 def _short(status: str | None) -> str:
     return (status or "no status").rsplit(":", 1)[-1]
 
 
+def _say(line: str) -> None:
+    print(line, flush=True)  # stdout may be a pipe: each line is news to whoever reads it
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run_demo(workdir: Path | None = None, port: int = 0, keep_serving: bool = False) -> int:
+    """Run the demo; with `keep_serving`, serve until SIGINT or SIGTERM (then exit 0).
+
+    SIGTERM is handled like Ctrl-C, so the gateway child is always stopped on the way out.
+    """
     own_workdir = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="xdsi-demo-")) if workdir is None else workdir
     workdir.mkdir(parents=True, exist_ok=True)
-    port = port or free_port()
-    pki = create_dev_pki(workdir / "pki")
-    config = write_config(workdir, pki, port)
-    print(f"xdsi-gateway demo: work folder {workdir}")
-    print(f"  development PKI (never for production) in {workdir / 'pki'}")
-    gateway = start_gateway(config, pki, port)
-    print(f"  gateway serving on {gateway.base_url} (mutual TLS, pid {gateway.process.pid})")
-    client = SoapClient(gateway.base_url, ca_bundle=pki.ca_cert, certificate=pki.client_cert,
-                        private_key=pki.client_key)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        ok = exercise(client, workdir, lambda line: print("  " + line))
-        print("demo: " + ("all checks passed" if ok else "FAILED"))
-        if keep_serving and ok:
-            print("\nThe gateway keeps running (Ctrl-C stops it). Endpoints:")
-            from gateway.transactions import ENDPOINTS
-            for e in ENDPOINTS:
-                print(f"  {gateway.base_url}{e.path:22} {e.title} (WSDL: ?wsdl)")
-            print(f"  {gateway.base_url}/health")
-            print(f"Client certificate: {pki.client_cert}\nClient key:         "
-                  f"{pki.client_key}\nCA:                 {pki.ca_cert}")
-            print(f"Configuration:      {config}")
-            try:
-                gateway.process.wait()
-            except KeyboardInterrupt:
-                pass
-        return 0 if ok else 1
+        return _run(workdir, own_workdir, port or free_port(), keep_serving)
     finally:
-        client.close()
-        gateway.stop()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(workdir: Path, own_workdir: bool, port: int, keep_serving: bool) -> int:
+    pki = create_dev_pki(workdir / "pki")
+    _say(f"xdsi-gateway demo: work folder {workdir}")
+    _say(f"  development PKI (never for production) in {workdir / 'pki'}")
+    shutil.rmtree(workdir / "pacs", ignore_errors=True)  # a fresh PACS on every run
+    try:
+        pacs = start_demo_pacs(workdir / "pacs")
+    except DemoPacsError as exc:
+        _say(f"demo: FAILED: the embedded PACS did not start: {exc}")
+        return 1
+    try:
+        _say(f"  embedded PACS: {pacs.kind} on 127.0.0.1:{pacs.dicom_port} "
+             f"(AE {pacs.aet}, pid {pacs.pid})")
+        config = write_config(workdir, pki, port, pacs=(pacs.dicom_port, pacs.aet))
+        gateway = start_gateway(config, pki, port)
+        _say(f"  gateway serving on {gateway.base_url} (mutual TLS, pid {gateway.process.pid})")
+        client = SoapClient(gateway.base_url, ca_bundle=pki.ca_cert,
+                            certificate=pki.client_cert, private_key=pki.client_key)
+        try:
+            _say("Documents: a report and a KOS manifest")
+            ok = exercise(client, workdir, lambda line: _say("  " + line))
+            _say("Imaging: PACS -> KOS manifests -> consumer")
+            try:
+                ok = exercise_imaging(client, config, pacs, workdir,
+                                      lambda line: _say("  " + line)) and ok
+            except DemoPacsError as exc:
+                _say(f"  the embedded PACS failed: {exc}")
+                ok = False
+            _say("demo: " + ("all checks passed" if ok else "FAILED"))
+            if keep_serving and ok:
+                return _keep_serving(gateway, pki, config, pacs)
+            return 0 if ok else 1
+        finally:
+            client.close()
+            gateway.stop()
+    finally:
+        pacs.stop()
         if own_workdir and not keep_serving:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _keep_serving(gateway: RunningGateway, pki: DevPki, config: Path, pacs: DemoPacs) -> int:
+    from gateway.transactions import ENDPOINTS
+
+    lines = ["", "The gateway keeps running (Ctrl-C or SIGTERM stops it). Endpoints:"]
+    lines += [f"  {gateway.base_url}{e.path:22} {e.title} (WSDL: ?wsdl)" for e in ENDPOINTS]
+    lines += [f"  {gateway.base_url}/health",
+              f"Client certificate: {pki.client_cert}",
+              f"Client key:         {pki.client_key}",
+              f"CA:                 {pki.ca_cert}",
+              f"Configuration:      {config}",
+              f"PACS ({pacs.kind}):  DICOM 127.0.0.1:{pacs.dicom_port}, AE {pacs.aet}"]
+    try:  # a signal may come as soon as the endpoints are out: already inside the try
+        _say("\n".join(lines))
+        status = gateway.process.wait()
+    except KeyboardInterrupt:
+        _say("demo: stopping the gateway")
+        return 0
+    _say(f"demo: the gateway exited by itself with status {status}")
+    return 1

@@ -1,0 +1,176 @@
+"""RAD-69 through the gateway against dcmtk getscu straight from the same Orthanc, same run.
+
+    .venv/bin/python bench/rad69.py [--instances 500] [--associations 3] [--workers 2]
+                                    [--retrieve c-get|c-move] [--repeat 2]
+
+Builds a synthetic CT study (a 512x512 16-bit image cloned with new UIDs: about 0.5 MB per
+instance, 500 instances = about 256 MB), loads it into a private Orthanc, then times:
+getscu (TCP_NODELAY=1, bit-preserving) fetching the study, and one RAD-69 of every instance
+through a real gateway (HTTPS with mutual TLS, gunicorn workers) with the response spooled to
+disk by SoapClient. Prints the throughput ratio (gateway / getscu) and the peak RSS (VmHWM) of
+every gateway process (gunicorn master and workers, retrieve pool processes). Asserts nothing.
+With --log-level INFO the gateway logs each RAD-69's C-FIND and retrieve times.
+
+Measured on a 2-core machine (2026-11, other work running; getscu's first run is cold and
+slower, so compare the later runs): 500 instances, 263 MB: getscu 0.43-0.60 s, gateway
+1.86-2.41 s (C-FIND 0.3 s, retrieve over 3 associations 1.0-1.3 s, MTOM response 0.5-0.8 s),
+ratio 0.22-0.33, peak RSS 83-85 MB (the largest process). 2000 instances, 1050 MB: getscu
+2.0 s, gateway 7.3 s (C-FIND 1.1 s, retrieve 4.1 s, response 2.1 s), ratio 0.28, peak RSS 94 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pydicom import Dataset  # noqa: E402
+from pydicom.dataset import FileMetaDataset  # noqa: E402
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid  # noqa: E402
+
+from gateway.demo import free_port, start_gateway, write_config  # noqa: E402
+from gateway.ebrim.parse import parse_retrieve_document_set_response  # noqa: E402
+from gateway.ns import Action  # noqa: E402
+from gateway.security.pki import create_dev_pki  # noqa: E402
+from gateway.soap.client import SoapClient  # noqa: E402
+from tests.support.orthanc import start_orthanc  # noqa: E402
+from tests.support.rad69 import EXPLICIT_LE, configure_pacs, getscu, rad69_request  # noqa: E402
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def synthetic_study(n: int) -> tuple[str, str, list[tuple[str, bytes]]]:
+    study, series = str(generate_uid()), str(generate_uid())
+    pixels = bytes((i * 7 + (i >> 9)) & 0xFF for i in range(512 * 512 * 2))
+    files = []
+    for k in range(n):
+        sop = str(generate_uid())
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = UID(CT)
+        meta.MediaStorageSOPInstanceUID = UID(sop)
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CT, sop
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.PatientID, ds.PatientName = "BENCH-1", "Bench^Synthetic"
+        ds.Modality, ds.InstanceNumber = "CT", k + 1
+        ds.Rows = ds.Columns = 512
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+        ds.PixelRepresentation, ds.SamplesPerPixel = 0, 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.PixelData = pixels
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        files.append((sop, buf.getvalue()))
+    return study, series, files
+
+
+def descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+            except OSError:
+                pass
+    return out
+
+
+def vm_hwm_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--instances", type=int, default=500)
+    ap.add_argument("--associations", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--retrieve", default="c-get", choices=["c-get", "c-move"])
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--log-level", default="WARNING",
+                    help="the gateway's log level (INFO shows each RAD-69's C-FIND and "
+                         "retrieve times)")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-rad69-"))
+    move_port = free_port()
+    orthanc = start_orthanc(work / "orthanc", dicom_port=free_port(), http_port=free_port(),
+                            known_modalities={"XDSI-GW": ("127.0.0.1", move_port)})
+    gateway = None
+    try:
+        t = time.monotonic()
+        study, series, files = synthetic_study(args.instances)
+        total = sum(len(b) for _s, b in files)
+        for _sop, data in files:
+            orthanc.rest("POST", "/instances", data, content_type="application/dicom")
+        docs = [(study, series, sop) for sop, _b in files]
+        del files
+        print(f"study: {args.instances} instances, {total / 1e6:.0f} MB, loaded in "
+              f"{time.monotonic() - t:.1f} s")
+
+        pki = create_dev_pki(work / "pki")
+        port = free_port()
+        (work / "gw").mkdir()
+        config = write_config(work / "gw", pki, port, workers=args.workers)
+        configure_pacs(config, port=orthanc.dicom_port, retrieve=args.retrieve,
+                       move_port=move_port, associations=args.associations,
+                       timeout_seconds=60)
+        if args.instances > 1000:  # [limits] max_document_requests defaults to 1000
+            config.write_text(config.read_text()
+                              + f"\n[limits]\nmax_document_requests = {args.instances}\n")
+        gateway = start_gateway(config, pki, port, log_level=args.log_level)
+        client = SoapClient(gateway.base_url, ca_bundle=pki.ca_cert,
+                            certificate=pki.client_cert, private_key=pki.client_key,
+                            timeout=600)
+        body = rad69_request(docs, [EXPLICIT_LE])
+
+        for run in range(args.repeat):
+            out = work / f"getscu-{run}"
+            t = time.monotonic()
+            got = getscu(orthanc.dicom_port, orthanc.aet, study, out)
+            t_getscu = time.monotonic() - t
+            size_getscu = sum(p.stat().st_size for p in got)
+            shutil.rmtree(out)
+
+            spool = work / f"reply-{run}"
+            spool.mkdir()
+            t = time.monotonic()
+            reply = client.call("/xdsi/imaging-source", Action.RAD69, body, spool_dir=spool)
+            t_gw = time.monotonic() - t
+            assert reply.body is not None
+            resp = parse_retrieve_document_set_response(reply.body)
+            size_gw = sum(p.stat().st_size for p in spool.iterdir())
+            shutil.rmtree(spool)
+            print(f"run {run + 1}: getscu {len(got)} files {size_getscu / 1e6:.0f} MB in "
+                  f"{t_getscu:.2f} s ({size_getscu / 1e6 / t_getscu:.0f} MB/s); gateway "
+                  f"{resp.status.rsplit(':', 1)[1]} {len(resp.documents)} documents "
+                  f"{size_gw / 1e6:.0f} MB in {t_gw:.2f} s ({size_gw / 1e6 / t_gw:.0f} MB/s); "
+                  f"ratio {t_getscu / t_gw:.2f}")
+        client.close()
+        pids = descendants(gateway.process.pid)
+        peaks = {pid: vm_hwm_mb(pid) for pid in pids}
+        print("gateway peak RSS (VmHWM) per process, MB: "
+              + ", ".join(f"{v:.0f}" for v in sorted(peaks.values(), reverse=True))
+              + f"; max {max(peaks.values()):.0f} MB")
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        orthanc.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,425 @@
+"""Retrieving instances from the PACS into spool files: C-GET (default) or C-MOVE, split over
+parallel associations.
+
+`retrieve(pacs, instances, transfer_syntaxes, spool, ...)` fetches the given instances (their
+study, series, SOP instance and SOP class UIDs, from C-FIND) and returns which arrived, as Part
+10 files in `spool` (the dataset bytes exactly as the PACS sent them, behind a file meta header),
+and which did not. The work is split into `associations` jobs that run in a small pool of
+worker processes (pynetdicom's receive path is CPU-bound Python, so threads would share one
+core); each job opens one association.
+
+C-GET: one presentation context per (SOP class, transfer syntax) for the SOP classes C-FIND
+reported (never more than 128 contexts; a job is split further if needed), SCP role selection
+for each SOP class, and the requested transfer syntaxes only, so the PACS sends each instance in
+its stored syntax when that is one of them and otherwise converts it to one it can produce.
+Received instances are spooled chunk by chunk (STORE_RECV_CHUNKED_DATASET) and never held in
+memory.
+
+C-MOVE: the PACS sends to the gateway's own storage SCP (gateway.dicom.storescp), shared by all
+worker processes; see that module for the routing.
+
+The pool is started when a web server worker starts (`warm_up_in_background()`, called from
+the application factory), not on the first RAD-69. In a pool process pynetdicom's temp files
+are created in the request's spool folder, so each received instance is placed by a rename.
+Jobs still running at the whole-request bound are given up, and the instances they had
+already placed in the spool folder still count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from pydicom import Dataset
+from pynetdicom import _config, build_context, build_role, evt
+from pynetdicom.sop_class import (  # type: ignore
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+from gateway.config import PacsConfig
+from gateway.dicom.association import associate, check_alive
+from gateway.dicom.errors import PacsError
+
+log = logging.getLogger(__name__)
+
+MAX_CONTEXTS = 128
+UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+GET_MODEL = StudyRootQueryRetrieveInformationModelGet
+MOVE_MODEL = StudyRootQueryRetrieveInformationModelMove
+
+
+@dataclass(frozen=True)
+class InstanceRef:
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+
+
+@dataclass(frozen=True)
+class Received:
+    sop_instance_uid: str
+    path: Path
+    transfer_syntax: str
+    size: int
+
+
+@dataclass
+class RetrieveOutcome:
+    received: dict[str, Received] = field(default_factory=dict)
+    # SOP Instance UIDs that did not arrive, with the reason (no patient data).
+    missing: dict[str, str] = field(default_factory=dict)
+    # The first association-level problem (unreachable, rejected, aborted, timeout), if any.
+    error: PacsError | None = None
+
+
+@dataclass(frozen=True)
+class _Job:
+    instances: tuple[InstanceRef, ...]
+    transfer_syntaxes: tuple[str, ...]
+    spool: str
+    method: str  # "c-get" or "c-move"
+    timeout: float
+    # Runs in a retrieve pool process (which may then point tempfile at the spool folder).
+    own_process: bool = False
+
+
+@dataclass
+class _JobResult:
+    received: list[Received] = field(default_factory=list)
+    error: tuple[str, str] | None = None  # PacsError (kind, message)
+    failed: dict[str, str] = field(default_factory=dict)  # SOP Instance UID -> reason
+
+
+def enable_chunked_receive() -> None:
+    """Spool received C-STORE datasets to temp files instead of memory (set per process)."""
+    _config.STORE_RECV_CHUNKED_DATASET = True
+
+
+def _safe_name(uid: str) -> str:
+    return uid if UID_RE.match(uid) and len(uid) <= 64 else uuid.uuid4().hex
+
+
+def _place(src: Path, target: Path) -> None:
+    try:
+        os.replace(src, target)
+    except OSError:  # another file system
+        shutil.move(str(src), str(target))
+
+
+def _store_handler(spool: Path, wanted: set[str], received: list[Received],
+                   lock: threading.Lock) -> Callable[[Any], int]:
+    def handle(event: Any) -> int:
+        sop_uid = str(event.request.AffectedSOPInstanceUID)
+        if sop_uid not in wanted:
+            return 0xA900  # not what we asked for: refuse it
+        ts = str(event.context.transfer_syntax)
+        target = spool / f"{_safe_name(sop_uid)}.dcm"
+        _place(Path(event.dataset_path), target)
+        with lock:
+            received.append(Received(sop_uid, target, ts, target.stat().st_size))
+        return 0x0000
+    return handle
+
+
+def _by_series(instances: Sequence[InstanceRef]) -> dict[tuple[str, str], list[str]]:
+    groups: dict[tuple[str, str], list[str]] = {}
+    for i in instances:
+        groups.setdefault((i.study_uid, i.series_uid), []).append(i.sop_instance_uid)
+    return groups
+
+
+def _identifier(study: str, series: str, uids: list[str]) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "IMAGE"
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = series
+    ds.SOPInstanceUID = uids if len(uids) > 1 else uids[0]
+    return ds
+
+
+def _check_final(status: Dataset | None, what: str, assoc: Any) -> None:
+    if status is None or "Status" not in status:
+        check_alive(assoc, what)
+        raise PacsError("timeout", f"no {what} response within the DIMSE timeout")
+    code = int(status.Status)
+    if code in (0x0000, 0xB000, 0xFF00):  # success, some sub-operations failed, pending
+        return
+    if code == 0xFE00:
+        raise PacsError("failed", f"{what} cancelled by the PACS")
+    raise PacsError("failed", f"{what} failed with status 0x{code:04X}")
+
+
+def _get_group(assoc: Any, study: str, series: str, uids: list[str],
+               result: _JobResult) -> None:
+    """One C-GET for instances of one series; a failure status for the whole group is
+    retried instance by instance (one instance the PACS cannot convert fails the group)."""
+    last = None
+    for status, _ident in assoc.send_c_get(_identifier(study, series, uids), GET_MODEL):
+        last = status
+    try:
+        _check_final(last, "C-GET", assoc)
+    except PacsError as exc:
+        if exc.kind != "failed":
+            raise
+        got = {r.sop_instance_uid for r in result.received}
+        rest = [u for u in uids if u not in got]
+        if len(uids) > 1 and len(rest) <= 64:
+            for uid in rest:
+                _get_group(assoc, study, series, [uid], result)
+        else:
+            for uid in rest:
+                result.failed[uid] = exc.message
+
+
+def _run_get(pacs: PacsConfig, job: _Job) -> _JobResult:
+    enable_chunked_receive()
+    spool = Path(job.spool)
+    if job.own_process:
+        # pynetdicom spools each received dataset to a temp file: create it in the spool
+        # folder, so that placing it is a rename, never a copy from another file system.
+        tempfile.tempdir = job.spool
+        try:
+            return _get_into(pacs, job, spool)
+        finally:
+            tempfile.tempdir = None
+    return _get_into(pacs, job, spool)
+
+
+def _get_into(pacs: PacsConfig, job: _Job, spool: Path) -> _JobResult:
+    result = _JobResult()
+    classes = sorted({i.sop_class_uid for i in job.instances})
+    contexts = [build_context(GET_MODEL)]
+    for cls in classes:
+        for ts in job.transfer_syntaxes:
+            contexts.append(build_context(cls, [ts]))
+    roles = [build_role(cls, scp_role=True) for cls in classes]
+    lock = threading.Lock()
+    handler = _store_handler(spool, {i.sop_instance_uid for i in job.instances},
+                             result.received, lock)
+    try:
+        assoc = associate(pacs, contexts, job.timeout, ext_neg=list(roles),
+                          evt_handlers=[(evt.EVT_C_STORE, handler)])
+        try:
+            for (study, series), uids in _by_series(job.instances).items():
+                _get_group(assoc, study, series, uids, result)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+    except PacsError as exc:
+        result.error = (exc.kind, exc.message)
+    return result
+
+
+def _run_move(pacs: PacsConfig, job: _Job) -> _JobResult:
+    from gateway.dicom import storescp
+
+    spool = Path(job.spool)
+    result = _JobResult()
+    storescp.ensure_running(pacs, job.timeout)
+    with storescp.expect(pacs, spool, [i.sop_instance_uid for i in job.instances]):
+        try:
+            assoc = associate(pacs, [build_context(MOVE_MODEL)], job.timeout)
+            try:
+                for (study, series), uids in _by_series(job.instances).items():
+                    last = None
+                    for status, _ident in assoc.send_c_move(
+                            _identifier(study, series, uids), pacs.move_destination_ae_title,
+                            MOVE_MODEL):
+                        last = status
+                    try:
+                        _check_final(last, "C-MOVE", assoc)
+                    except PacsError as exc:
+                        if exc.kind != "failed":
+                            raise
+                        for uid in uids:
+                            result.failed[uid] = exc.message
+            finally:
+                if assoc.is_established:
+                    assoc.release()
+        except PacsError as exc:
+            result.error = (exc.kind, exc.message)
+    for i in job.instances:
+        path = spool / f"{_safe_name(i.sop_instance_uid)}.dcm"
+        if path.is_file():
+            result.received.append(Received(i.sop_instance_uid, path,
+                                            storescp.transfer_syntax_of(path),
+                                            path.stat().st_size))
+    return result
+
+
+def _run_job(pacs: PacsConfig, job: _Job) -> _JobResult:
+    if job.method == "c-move":
+        return _run_move(pacs, job)
+    return _run_get(pacs, job)
+
+
+def plan_jobs(instances: Sequence[InstanceRef], transfer_syntaxes: Sequence[str],
+              associations: int) -> list[list[InstanceRef]]:
+    """Split `instances` into about `associations` jobs, each within the context limit.
+
+    Instances are dealt round robin inside each series so that every job gets a share of
+    every series; a job whose SOP classes x transfer syntaxes exceed 127 contexts (one is the
+    Q/R model) is split by SOP class."""
+    n = max(1, min(associations, len(instances)))
+    jobs: list[list[InstanceRef]] = [[] for _ in range(n)]
+    for k, inst in enumerate(instances):
+        jobs[k % n].append(inst)
+    per_class = max(1, len(transfer_syntaxes))
+    max_classes = max(1, (MAX_CONTEXTS - 1) // per_class)
+    out: list[list[InstanceRef]] = []
+    for job in jobs:
+        classes = sorted({i.sop_class_uid for i in job})
+        for start in range(0, len(classes), max_classes):
+            chunk = set(classes[start:start + max_classes])
+            part = [i for i in job if i.sop_class_uid in chunk]
+            if part:
+                out.append(part)
+    return out
+
+
+_POOL: ProcessPoolExecutor | None = None
+_POOL_SIZE = 0
+_POOL_LOCK = threading.Lock()
+
+
+def _pool(size: int) -> ProcessPoolExecutor:
+    """A per-process pool of retrieval processes, started once (forkserver: children are
+    forked from a clean server process, not from this multi-threaded one). It only grows
+    (restarting it costs seconds); jobs beyond its size wait for a free process."""
+    global _POOL, _POOL_SIZE
+    with _POOL_LOCK:
+        if _POOL is None or _POOL_SIZE < size:
+            if _POOL is not None:
+                _POOL.shutdown(wait=False)
+            ctx = get_context("forkserver")
+            ctx.set_forkserver_preload(["gateway.dicom.retrieve"])
+            _POOL = ProcessPoolExecutor(max_workers=size, mp_context=ctx,
+                                        initializer=enable_chunked_receive)
+            _POOL_SIZE = size
+        return _POOL
+
+
+def _noop() -> None:
+    return None
+
+
+def warm_up(associations: int) -> None:
+    """Start the retrieve process pool now rather than on the first RAD-69 (the forkserver
+    and its children take a few seconds to start and import pynetdicom)."""
+    pool = _pool(associations)
+    wait([pool.submit(_noop) for _ in range(associations)], timeout=60)
+
+
+def warm_up_in_background(associations: int) -> threading.Thread:
+    """`warm_up()` in a daemon thread (for a web server worker right after it starts);
+    a failure is logged, never raised: the first RAD-69 then starts the pool itself."""
+    def run() -> None:
+        try:
+            warm_up(associations)
+        except Exception as exc:  # never take the worker down for this
+            log.warning("retrieve pool warm-up failed: %s", type(exc).__name__)
+
+    thread = threading.Thread(target=run, name="retrieve-warm-up", daemon=True)
+    thread.start()
+    # A process that exits while the pool's processes are still starting would leave them
+    # to fail (their semaphores are gone) with tracebacks on stderr: at exit, first let the
+    # warm-up finish, so that the pool is complete and concurrent.futures' own exit handler
+    # (registered earlier, so run after this one) shuts it down and joins its processes.
+    threading._register_atexit(thread.join, 60)  # type: ignore[attr-defined]
+    return thread
+
+
+def _spooled(jobs: Sequence[_Job], spool: Path, results: Sequence[_JobResult]) -> _JobResult:
+    """What unfinished jobs had already received: each instance is renamed into place as
+    `<uid>.dcm` only once complete, so such a file is whole."""
+    from gateway.dicom.storescp import transfer_syntax_of
+
+    known = {r.sop_instance_uid for res in results for r in res.received}
+    out = _JobResult()
+    for job in jobs:
+        for inst in job.instances:
+            path = spool / f"{_safe_name(inst.sop_instance_uid)}.dcm"
+            if inst.sop_instance_uid not in known and path.is_file():
+                try:
+                    ts = transfer_syntax_of(path)
+                except Exception as exc:  # unreadable: counts as not received
+                    log.warning("spooled instance unreadable: %s", type(exc).__name__)
+                    continue
+                out.received.append(Received(inst.sop_instance_uid, path, ts,
+                                             path.stat().st_size))
+    return out
+
+
+def retrieve(pacs: PacsConfig, instances: Sequence[InstanceRef],
+             transfer_syntaxes: Sequence[str], spool: Path, *, method: str = "c-get",
+             associations: int = 3, timeout: float = 30, in_process: bool = False
+             ) -> RetrieveOutcome:
+    """Fetch `instances` into `spool` over up to `associations` parallel associations.
+
+    Returns every instance as received or missing; an association-level problem is in
+    `.error` (the other associations' instances still count). `in_process` runs the jobs in
+    threads of this process instead of the process pool (tests, one-off tools)."""
+    if method not in ("c-get", "c-move"):
+        raise ValueError(f"retrieve method must be c-get or c-move, got {method!r}")
+    outcome = RetrieveOutcome()
+    if not instances:
+        return outcome
+    spool.mkdir(parents=True, exist_ok=True)
+    jobs = [_Job(tuple(part), tuple(transfer_syntaxes), str(spool), method, timeout)
+            for part in plan_jobs(instances, transfer_syntaxes, associations)]
+    results: list[_JobResult] = []
+    # A whole-request bound: every DIMSE wait is bounded by `timeout`, this catches the rest.
+    overall = timeout * 4 + 30
+    if in_process or (len(jobs) == 1 and method == "c-get" and len(instances) <= 8):
+        enable_chunked_receive()
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(max_workers=len(jobs)) as tpool:
+            futures: list[Future[_JobResult]] = [tpool.submit(_run_job, pacs, j) for j in jobs]
+            done, _ = wait(futures, timeout=overall)
+            results = [f.result() for f in done]
+            pending = len(futures) - len(done)
+    else:
+        pool = _pool(max(1, associations))
+        futures = [pool.submit(_run_job, pacs, dataclasses.replace(j, own_process=True))
+                   for j in jobs]
+        done, not_done = wait(futures, timeout=overall)
+        for f in not_done:
+            f.cancel()
+        results = []
+        for f in done:
+            try:
+                results.append(f.result())
+            except Exception as exc:  # a crashed pool process
+                results.append(_JobResult(error=("failed", f"retrieve process failed: {exc}")))
+        pending = len(not_done)
+    if pending:
+        outcome.error = PacsError("timeout", f"{pending} retrieve job(s) did not finish "
+                                             f"within {overall:.0f} s")
+        results.append(_spooled(jobs, spool, results))
+    for r in results:
+        for rec in r.received:
+            outcome.received[rec.sop_instance_uid] = rec
+        if r.error is not None and outcome.error is None:
+            outcome.error = PacsError(*r.error)
+    reasons = {uid: why for r in results for uid, why in r.failed.items()}
+    for inst in instances:
+        uid = inst.sop_instance_uid
+        if uid not in outcome.received:
+            outcome.missing[uid] = reasons.get(uid) or (
+                outcome.error.message if outcome.error is not None
+                else "the PACS did not send this instance")
+    return outcome

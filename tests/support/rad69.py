@@ -1,0 +1,94 @@
+"""Helpers for RAD-69 tests and benchmarks: gateways configured for a PACS, RAD-69 request
+bodies, the dataset part of a Part 10 file, and dcmtk getscu."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import struct
+import subprocess
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from lxml import etree
+
+from gateway.ns import XDSB, XDSI
+
+NIST_HOME = "urn:oid:1.3.6.1.4.1.21367.13.70.101"
+NIST_SOURCE = "1.3.6.1.4.1.21367.13.71.101"  # the NIST iig tests' Imaging Document Source
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+
+
+def configure_pacs(config: Path, *, port: int, called_ae_title: str = "ORTHANC",
+                   retrieve: str = "c-get", move_port: int = 11112,
+                   move_ae_title: str = "XDSI-GW", imaging_source_unique_id: str = NIST_SOURCE,
+                   associations: int = 3, timeout_seconds: int = 10) -> None:
+    """Point a written gateway configuration at a PACS (rewrites the file in place)."""
+    text = config.read_text()
+    text = re.sub(r'(?m)^imaging_source_unique_id = ".*"$',
+                  f'imaging_source_unique_id = "{imaging_source_unique_id}"', text)
+    text += f"""
+[pacs]
+host = "127.0.0.1"
+port = {port}
+called_ae_title = "{called_ae_title}"
+calling_ae_title = "XDSI-GW"
+retrieve = "{retrieve}"
+move_destination_ae_title = "{move_ae_title}"
+move_port = {move_port}
+associations = {associations}
+timeout_seconds = {timeout_seconds}
+"""
+    config.write_text(text)
+
+
+def rad69_request(docs: Iterable[tuple[str, str, str]], syntaxes: Sequence[str], *,
+                  repository: str = NIST_SOURCE,
+                  home_community_id: str | None = None) -> etree._Element:
+    """A RetrieveImagingDocumentSetRequest for (study, series, instance) triples."""
+    root = etree.Element(f"{{{XDSI}}}RetrieveImagingDocumentSetRequest",
+                         nsmap={"xdsi": XDSI, "xdsb": XDSB})
+    studies: dict[str, dict[str, list[str]]] = {}
+    for study, series, sop in docs:
+        studies.setdefault(study, {}).setdefault(series, []).append(sop)
+    for study, series_map in studies.items():
+        st = etree.SubElement(root, f"{{{XDSI}}}StudyRequest", studyInstanceUID=study)
+        for series, sops in series_map.items():
+            se = etree.SubElement(st, f"{{{XDSI}}}SeriesRequest", seriesInstanceUID=series)
+            for sop in sops:
+                d = etree.SubElement(se, f"{{{XDSB}}}DocumentRequest")
+                if home_community_id:
+                    etree.SubElement(d, f"{{{XDSB}}}HomeCommunityId").text = home_community_id
+                etree.SubElement(d, f"{{{XDSB}}}RepositoryUniqueId").text = repository
+                etree.SubElement(d, f"{{{XDSB}}}DocumentUniqueId").text = sop
+    tsl = etree.SubElement(root, f"{{{XDSI}}}TransferSyntaxUIDList")
+    for ts in syntaxes:
+        etree.SubElement(tsl, f"{{{XDSI}}}TransferSyntaxUID").text = ts
+    return root
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The bytes after the Part 10 file meta group (what the PACS sent, untouched)."""
+    data = path.read_bytes()
+    assert data[128:132] == b"DICM", f"{path} is not a Part 10 file"
+    # (0002,0000) UL group length, explicit VR little endian: tag 4 + VR 2 + len 2 + value 4
+    assert data[132:136] == b"\x02\x00\x00\x00", f"{path}: no file meta group length first"
+    (group_length,) = struct.unpack("<I", data[140:144])
+    return data[144 + group_length:]
+
+
+def getscu(port: int, aet: str, study_uid: str, out_dir: Path, *,
+           timeout: float = 120) -> list[Path]:
+    """Fetch a whole study with dcmtk's getscu (TCP_NODELAY=1: Debian's dcmtk stalls on
+    Nagle otherwise), bit-preserving (+B: written as received, not re-encoded). Returns the
+    files written."""
+    binary = shutil.which("getscu")
+    assert binary, "dcmtk getscu is not installed (Debian package dcmtk)"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, TCP_NODELAY="1")
+    subprocess.run([binary, "-S", "+B", "-aet", "GETSCU", "-aec", aet, "-od", str(out_dir),
+                    "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}",
+                    "127.0.0.1", str(port)], check=True, env=env, timeout=timeout,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return sorted(p for p in out_dir.iterdir() if p.is_file())

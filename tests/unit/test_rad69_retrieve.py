@@ -1,0 +1,79 @@
+"""The retrieve module's pieces that need no PACS: what an unfinished job had already
+spooled, and the background warm-up's failure handling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import UID, ExplicitVRLittleEndian
+
+from gateway.dicom import retrieve
+from gateway.dicom.retrieve import InstanceRef, Received, _Job, _JobResult, _spooled
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def _part10(path: Path, sop: str) -> None:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = UID(CT)
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = CT, sop
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_spooled_reports_whole_files_of_unfinished_jobs(tmp_path: Path) -> None:
+    refs = [InstanceRef("1.1", "1.1.1", f"1.1.1.{k}", CT) for k in range(1, 5)]
+    job = _Job(tuple(refs), (ExplicitVRLittleEndian,), str(tmp_path), "c-get", 5)
+    _part10(tmp_path / "1.1.1.1.dcm", "1.1.1.1")  # arrived, reported by a finished job
+    _part10(tmp_path / "1.1.1.2.dcm", "1.1.1.2")  # arrived, its job never reported
+    (tmp_path / "1.1.1.3.dcm").write_bytes(b"not DICOM")  # unreadable: not received
+    (tmp_path / "tmpabc.dcm").write_bytes(b"partial")  # a temp file still being written
+    finished = _JobResult(received=[Received("1.1.1.1", tmp_path / "1.1.1.1.dcm",
+                                             ExplicitVRLittleEndian, 1)])
+    out = _spooled([job], tmp_path, [finished])
+    assert [(r.sop_instance_uid, r.transfer_syntax) for r in out.received] == [
+        ("1.1.1.2", ExplicitVRLittleEndian)]
+    assert out.received[0].size == (tmp_path / "1.1.1.2.dcm").stat().st_size
+
+
+def test_warm_up_failure_is_logged_not_raised(monkeypatch: pytest.MonkeyPatch,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    def broken(_n: int) -> None:
+        raise OSError("no forkserver")
+
+    monkeypatch.setattr(retrieve, "warm_up", broken)
+    thread = retrieve.warm_up_in_background(2)
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert "warm-up failed: OSError" in caplog.text
+
+
+@pytest.mark.parametrize("source_id", ["1.2.3.4", ""])
+def test_app_factory_warms_the_pool_only_for_an_imaging_source(
+        source_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.config import (
+        CommunityConfig,
+        GatewayConfig,
+        PacsConfig,
+        RegistryConfig,
+        RepositoryConfig,
+        ServerConfig,
+    )
+    from gateway.soap.application import app_factory
+
+    calls: list[int] = []
+    monkeypatch.setattr(retrieve, "warm_up_in_background", calls.append)
+    config = GatewayConfig(
+        server=ServerConfig(spool_directory=tmp_path / "spool"),
+        registry=RegistryConfig(database=f"sqlite:///{tmp_path / 'registry.db'}"),
+        repository=RepositoryConfig(directory=tmp_path / "repository"),
+        community=CommunityConfig(imaging_source_unique_id=source_id),
+        pacs=PacsConfig(associations=5))
+    (tmp_path / "spool").mkdir()
+    app_factory(config)
+    assert calls == ([5] if source_id else [])

@@ -1,0 +1,525 @@
+"""The Initiating Gateway (XCA, ITI TF-2b 3.38 / 3.39) at /xca/initiating.
+
+ITI-18 from a local Document Consumer becomes ITI-38 Cross Gateway Query:
+- queries by patient (FindDocuments, FindSubmissionSets, FindFolders, GetAll,
+  FindDocumentsByReferenceId) go to every configured community with a query_url, in
+  parallel ([xca] max_parallel), with the patient id translated per community by its
+  cross-reference ([[communities]] patient_id_map / patient_ids; a community whose
+  cross-reference does not list the patient is not asked);
+- every other (Get*) query goes only to the community named by AdhocQuery/@home or the
+  $homeCommunityId parameter; without one: the single configured community, or
+  XDSMissingHomeCommunityId when there are several (ITI TF-2a 3.18.4.1.2.3.8); a home that is
+  not configured: XDSUnknownCommunity.
+Each community is bounded by [xca] query_timeout_seconds. The answers are merged: every
+returned object keeps the home its responder set (set to the community's homeCommunityId when
+missing), the responders' errors are kept (location set to the community when missing), and a
+community that failed or did not answer in time adds XDSUnavailableCommunity with location =
+its homeCommunityId; some answers plus such errors make PartialSuccess.
+
+ITI-43 becomes ITI-39 Cross Gateway Retrieve: the DocumentRequests are grouped by
+HomeCommunityId, one request per community, in parallel, bounded by
+retrieve_timeout_seconds. The remote documents arrive as MTOM parts spooled to files in the
+request's spool folder (gateway.soap.client); the response references those files, so the edge
+streams them on without holding a document in memory. Unknown community: XDSUnknownCommunity
+per document; failed community: XDSUnavailableCommunity per document (PartialSuccess when
+others answered). `retrieve_routed` is shared with the imaging gateway (RAD-69 -> RAD-75).
+
+Every outbound transaction is offered to `services.audit.record_outbound` when it exists, and
+carries the consumer's wsse:Security header (XUA), or `[xua] outbound_assertion` when it sent
+none (gateway.xca.outbound.security_headers).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import requests
+from lxml import etree
+
+from gateway.config import GatewayConfig, RemoteCommunity
+from gateway.ebrim.parse import (
+    content_id_from_href,
+    parse_adhoc_query_request,
+    parse_registry_error,
+    parse_retrieve_document_set_request,
+)
+from gateway.ebrim.render import render_adhoc_query_response, render_registry_response
+from gateway.errors import XdsError, XdsFailure, status_for
+from gateway.ns import (
+    QUERY,
+    RIM,
+    RS,
+    SOAP12,
+    XDSB,
+    XOP,
+    Action,
+    ErrorCode,
+    ResponseStatus,
+    StoredQuery,
+    q,
+)
+from gateway.soap.client import SoapReply
+from gateway.soap.mtom import resolve_cid
+from gateway.transactions import Attachment, RequestContext, SoapResponse
+from gateway.xca.outbound import Outcome, pool_for, run_bounded, security_headers
+
+log = logging.getLogger(__name__)
+
+CONTENT_ID_DOMAIN = "xca.xdsi-gateway"
+
+# Stored queries that name a patient: fanned out to every community (ITI TF-2a 3.18.4.1.2.3.8:
+# the others need a homeCommunityId).
+PATIENT_QUERIES = frozenset({
+    StoredQuery.FIND_DOCUMENTS, StoredQuery.FIND_SUBMISSION_SETS, StoredQuery.FIND_FOLDERS,
+    StoredQuery.GET_ALL, StoredQuery.FIND_DOCUMENTS_BY_REFERENCE_ID,
+})
+KNOWN_QUERIES = frozenset(v for k, v in vars(StoredQuery).items() if not k.startswith("_"))
+PATIENT_PARAMETERS = frozenset({
+    "$XDSDocumentEntryPatientId", "$XDSSubmissionSetPatientId", "$XDSFolderPatientId",
+    "$patientId",
+})
+HOME_PARAMETER = "$homeCommunityId"
+
+# ATNA EventOutcomeIndicator for a community that failed (serious failure).
+OUTCOME_SERIOUS_FAILURE = 8
+
+
+# --- shared helpers ---------------------------------------------------------------------------
+
+def communities(config: GatewayConfig) -> dict[str, RemoteCommunity]:
+    return {c.home_community_id: c for c in config.communities}
+
+
+def audit_outbound(services: Any, transaction: str, url: str,
+                   request_body: etree._Element | None, response_body: etree._Element | None,
+                   outcome: int | None, ctx: RequestContext | None = None) -> None:
+    """Offer one outbound transaction to the audit service, when it records them."""
+    record = getattr(getattr(services, "audit", None), "record_outbound", None)
+    if not callable(record):
+        return
+    try:
+        record(transaction, endpoint_url=url, request_body=request_body,
+               response_body=response_body, outcome=outcome,
+               human=getattr(ctx, "xua_subject", None))
+    except Exception as exc:  # the audit never breaks a transaction
+        log.warning("audit of outbound %s failed: %s", transaction, type(exc).__name__)
+
+
+def failure_reason(outcome: Outcome[SoapReply], timeout: float) -> str:
+    """Why a community's answer is unusable (no patient data: errors name no request values)."""
+    if outcome.timed_out:
+        return f"did not answer within {timeout:g} s"
+    exc = outcome.error
+    if isinstance(exc, requests.Timeout):
+        return f"did not answer within {timeout:g} s ({type(exc).__name__})"
+    if isinstance(exc, requests.exceptions.SSLError):
+        return "TLS handshake failed"
+    if isinstance(exc, requests.ConnectionError):
+        return "could not be reached (connection failed)"
+    if exc is not None:
+        return f"could not be asked ({type(exc).__name__})"
+    reply = outcome.value
+    if reply is None or reply.body is None:
+        return "answered without a SOAP body"
+    if reply.is_fault:
+        code = reply.body.findtext(f"{{{SOAP12}}}Code/{{{SOAP12}}}Value") or ""
+        text = reply.body.findtext(f"{{{SOAP12}}}Reason/{{{SOAP12}}}Text") or ""
+        return f"answered a SOAP fault {code.strip()} {text.strip()[:200]}".rstrip()
+    return f"answered an unexpected {etree.QName(reply.body).localname} (HTTP {reply.http_status})"
+
+
+def _located(errors: Sequence[XdsError], home: str) -> list[XdsError]:
+    return [e if e.location else replace(e, location=home) for e in errors]
+
+
+def _response_errors(status_holder: etree._Element) -> list[XdsError]:
+    lst = status_holder.find(q(RS, "RegistryErrorList"))
+    if lst is None:
+        return []
+    return [parse_registry_error(e) for e in lst.iterfind(q(RS, "RegistryError"))]
+
+
+# --- ITI-18 -> ITI-38 -------------------------------------------------------------------------
+
+def _unquote(value: str) -> tuple[str, str, str]:
+    """"('X')" -> ("('", "X", "')"): the patient id and what wraps it."""
+    text = value.strip()
+    head = tail = ""
+    if text.startswith("(") and text.endswith(")"):
+        head, tail, text = "(", ")", text[1:-1].strip()
+    if len(text) >= 2 and text[0] == text[-1] == "'":
+        head, tail, text = head + "'", "'" + tail, text[1:-1]
+    return head, text, tail
+
+
+def _query_slots(request: etree._Element) -> list[etree._Element]:
+    aq = request.find(q(RIM, "AdhocQuery"))
+    return [] if aq is None else list(aq.iterfind(q(RIM, "Slot")))
+
+
+def _slot_values(slot: etree._Element) -> list[etree._Element]:
+    return list(slot.iterfind(f"{q(RIM, 'ValueList')}/{q(RIM, 'Value')}"))
+
+
+def patient_ids_of(request: etree._Element) -> list[str]:
+    """The patient ids named by the query's patient parameters."""
+    return [_unquote(v.text or "")[1] for s in _query_slots(request)
+            if s.get("name") in PATIENT_PARAMETERS for v in _slot_values(s)]
+
+
+def translate_patient_ids(request: etree._Element, community: RemoteCommunity
+                          ) -> etree._Element | None:
+    """A copy of the AdhocQueryRequest with the patient ids in `community`'s terms; None when
+    the community has a cross-reference that does not list a patient of the query."""
+    out = copy.deepcopy(request)
+    mapping = dict(community.patient_ids)
+    if not mapping:
+        return out
+    for slot in _query_slots(out):
+        if slot.get("name") not in PATIENT_PARAMETERS:
+            continue
+        for value in _slot_values(slot):
+            head, cx, tail = _unquote(value.text or "")
+            remote = mapping.get(cx)
+            if remote is None:
+                return None
+            value.text = f"{head}{remote}{tail}"
+    return out
+
+
+def _home_of_query(request: etree._Element, query_home: str | None) -> str | None:
+    homes = {query_home.strip()} if query_home and query_home.strip() else set()
+    for slot in _query_slots(request):
+        if slot.get("name") == HOME_PARAMETER:
+            homes.update(_unquote(v.text or "")[1].strip() for v in _slot_values(slot))
+    homes.discard("")
+    if len(homes) > 1:
+        raise XdsFailure(XdsError(
+            ErrorCode.REGISTRY_ERROR,
+            "AdhocQuery/@home and $homeCommunityId name different communities"))
+    return homes.pop() if homes else None
+
+
+@dataclass(frozen=True)
+class _Target:
+    community: RemoteCommunity
+    body: etree._Element
+
+
+def query_targets(config: GatewayConfig, body: etree._Element) -> list[_Target]:
+    """The communities to ask and the ITI-38 body for each; raises XdsFailure."""
+    query = parse_adhoc_query_request(body)
+    if query.query_id not in KNOWN_QUERIES:
+        raise XdsFailure(XdsError(ErrorCode.UNKNOWN_STORED_QUERY,
+                                  f"unknown stored query id {query.query_id!r}"))
+    known = communities(config)
+    home = _home_of_query(body, query.home)
+    askable = [c for c in config.communities if c.query_url]
+    if home is not None:
+        chosen = known.get(home)
+        if chosen is None or not chosen.query_url:
+            raise XdsFailure(XdsError(
+                ErrorCode.UNKNOWN_COMMUNITY,
+                f"homeCommunityId {home} is not a community this gateway can query",
+                location=home))
+        selected = [chosen]
+    elif query.query_id in PATIENT_QUERIES:
+        selected = askable
+    elif len(askable) == 1:
+        selected = askable
+        home = askable[0].home_community_id
+    else:
+        raise XdsFailure(XdsError(
+            ErrorCode.MISSING_HOME_COMMUNITY_ID,
+            "this stored query names no patient: AdhocQuery/@home (or $homeCommunityId) must "
+            "name the community to ask"))
+    if not selected:
+        raise XdsFailure(XdsError(
+            ErrorCode.REGISTRY_ERROR, "no remote community with a query_url is configured"))
+    targets = []
+    for community in selected:
+        out = translate_patient_ids(body, community)
+        if out is None:
+            log.debug("ITI-38: community %s has no cross-reference for the patient",
+                      community.home_community_id)
+            continue
+        if home is not None:
+            aq = out.find(q(RIM, "AdhocQuery"))
+            if aq is not None:
+                aq.set("home", community.home_community_id)
+        targets.append(_Target(community, out))
+    return targets
+
+
+def _merge_query(targets: Sequence[_Target], outcomes: Mapping[str, Outcome[SoapReply]],
+                 timeout: float) -> tuple[etree._Element, list[str]]:
+    """The merged AdhocQueryResponse, and the communities that answered usably."""
+    errors: list[XdsError] = []
+    objects: list[etree._Element] = []
+    answered: list[str] = []
+    any_success = False
+    for t in targets:
+        home = t.community.home_community_id
+        outcome = outcomes[home]
+        reply = outcome.value
+        body = reply.body if outcome.ok and reply is not None else None
+        if body is None or body.tag != q(QUERY, "AdhocQueryResponse") or not body.get("status"):
+            reason = failure_reason(outcome, timeout)
+            log.warning("ITI-38 to community %s: %s", home, reason)
+            errors.append(XdsError(ErrorCode.UNAVAILABLE_COMMUNITY,
+                                   f"community {home} {reason}", location=home))
+            continue
+        answered.append(home)
+        status = body.get("status")
+        if status in (ResponseStatus.SUCCESS, ResponseStatus.PARTIAL_SUCCESS):
+            any_success = True
+        errors.extend(_located(_response_errors(body), home))
+        rol = body.find(q(RIM, "RegistryObjectList"))
+        for obj in (list(rol) if rol is not None else []):
+            if not isinstance(obj.tag, str):
+                continue  # comments, processing instructions
+            if not obj.get("home"):
+                obj.set("home", home)
+            objects.append(obj)
+    status = status_for(errors, partial_possible=True, any_success=any_success)
+    if not targets:
+        status = ResponseStatus.SUCCESS  # no community knows the patient: nothing found
+    response = render_adhoc_query_response(status, [], errors)
+    rol = response.find(q(RIM, "RegistryObjectList"))
+    assert rol is not None
+    for obj in objects:
+        rol.append(obj)
+    return response, answered
+
+
+def stored_query(services: Any, ctx: RequestContext, body: etree._Element) -> SoapResponse:
+    """ITI-18 at the initiating gateway: ITI-38 to the communities, answers merged."""
+    config: GatewayConfig = services.config
+    try:
+        targets = query_targets(config, body)
+    except XdsFailure as failure:
+        errors = list(failure.errors)
+        return SoapResponse(render_adhoc_query_response(status_for(errors), [], errors))
+    pool = pool_for(config)
+    timeout = float(config.xca.query_timeout_seconds)
+    security = security_headers(config, ctx.headers)  # XUA: the consumer's assertion passed on
+
+    def ask(t: _Target) -> Callable[[], SoapReply]:
+        headers = tuple(copy.deepcopy(h) for h in security)  # one copy per thread
+        return lambda: pool.call(t.community.query_url, Action.ITI38, t.body,
+                                 read_timeout=timeout, headers=headers)
+
+    outcomes = run_bounded([(t.community.home_community_id, ask(t)) for t in targets],
+                           max_parallel=config.xca.max_parallel, timeout=timeout)
+    for t in targets:
+        o = outcomes[t.community.home_community_id]
+        audit_outbound(services, "ITI-38", t.community.query_url, t.body,
+                       o.value.body if o.ok and o.value is not None else None,
+                       None if o.ok else OUTCOME_SERIOUS_FAILURE, ctx)
+    response, answered = _merge_query(targets, outcomes, timeout)
+    log.debug("ITI-38: %d of %d communities answered", len(answered), len(targets))
+    return SoapResponse(response)
+
+
+# --- ITI-43 -> ITI-39 (and RAD-69 -> RAD-75) --------------------------------------------------
+
+@dataclass(frozen=True)
+class RoutedRequest:
+    """One community's share of a retrieve: the URL and the body to send there."""
+
+    community: RemoteCommunity
+    url: str
+    body: etree._Element
+
+
+@dataclass
+class RetrieveRouting:
+    routed: list[RoutedRequest]
+    errors: list[XdsError]  # per-document errors found before sending anything
+
+
+def route_homes(config: GatewayConfig, homes: Sequence[str | None], doc_uids: Sequence[str],
+                url_of: Callable[[RemoteCommunity], str]) -> tuple[list[str | None],
+                                                                   list[XdsError]]:
+    """For each document request, the community it goes to (None: an error instead)."""
+    known = communities(config)
+    reachable = [c for c in config.communities if url_of(c)]
+    targets: list[str | None] = []
+    errors: list[XdsError] = []
+    for home, uid in zip(homes, doc_uids, strict=True):
+        if not home:
+            if len(reachable) == 1:
+                targets.append(reachable[0].home_community_id)
+                continue
+            errors.append(XdsError(
+                ErrorCode.MISSING_HOME_COMMUNITY_ID,
+                f"document {uid}: the DocumentRequest has no HomeCommunityId", location=uid))
+            targets.append(None)
+            continue
+        c = known.get(home)
+        if c is None or not url_of(c):
+            errors.append(XdsError(
+                ErrorCode.UNKNOWN_COMMUNITY,
+                f"document {uid}: homeCommunityId {home} is not a community this gateway "
+                "retrieves from", location=home))
+            targets.append(None)
+            continue
+        targets.append(home)
+    return targets, errors
+
+
+def _retrieve_routing(config: GatewayConfig, body: etree._Element) -> RetrieveRouting:
+    request = parse_retrieve_document_set_request(body)  # raises XdsFailure
+    homes = [d.home_community_id for d in request.documents]
+    uids = [d.document_unique_id for d in request.documents]
+    targets, errors = route_homes(config, homes, uids, lambda c: c.retrieve_url)
+    elements = list(body.iterfind(q(XDSB, "DocumentRequest")))
+    known = communities(config)
+    routed: list[RoutedRequest] = []
+    for home in dict.fromkeys(t for t in targets if t is not None):
+        out = etree.Element(q(XDSB, "RetrieveDocumentSetRequest"), nsmap={"xdsb": XDSB})
+        for el, target in zip(elements, targets, strict=True):
+            if target == home:
+                doc = copy.deepcopy(el)
+                if doc.find(q(XDSB, "HomeCommunityId")) is None:
+                    hc = etree.Element(q(XDSB, "HomeCommunityId"))
+                    hc.text = home
+                    doc.insert(0, hc)
+                out.append(doc)
+        community = known[home]
+        routed.append(RoutedRequest(community, community.retrieve_url, out))
+    return RetrieveRouting(routed, errors)
+
+
+def _document_uids(body: etree._Element) -> list[str]:
+    return [(d.findtext(q(XDSB, "DocumentUniqueId")) or "").strip()
+            for d in body.iter(q(XDSB, "DocumentRequest"))]
+
+
+def _merge_retrieve(routed: Sequence[RoutedRequest], outcomes: Mapping[str, Outcome[SoapReply]],
+                    early_errors: Sequence[XdsError], timeout: float, transaction: str
+                    ) -> SoapResponse:
+    errors: list[XdsError] = list(early_errors)
+    documents: list[etree._Element] = []
+    attachments: list[Attachment] = []
+    for r in routed:
+        home = r.community.home_community_id
+        outcome = outcomes[home]
+        reply = outcome.value
+        body = reply.body if outcome.ok and reply is not None else None
+        status_el = body.find(q(RS, "RegistryResponse")) if body is not None else None
+        if (body is None or body.tag != q(XDSB, "RetrieveDocumentSetResponse")
+                or status_el is None or not status_el.get("status")):
+            reason = failure_reason(outcome, timeout)
+            log.warning("%s to community %s: %s", transaction, home, reason)
+            for uid in _document_uids(r.body):
+                errors.append(XdsError(ErrorCode.UNAVAILABLE_COMMUNITY,
+                                       f"document {uid}: community {home} {reason}",
+                                       location=home))
+            continue
+        assert reply is not None
+        errors.extend(_located(_response_errors(status_el), home))
+        for dr in list(body.iterfind(q(XDSB, "DocumentResponse"))):
+            uid = (dr.findtext(q(XDSB, "DocumentUniqueId")) or "").strip()
+            if dr.find(q(XDSB, "HomeCommunityId")) is None:
+                hc = etree.Element(q(XDSB, "HomeCommunityId"))
+                hc.text = home
+                dr.insert(0, hc)
+            inc = dr.find(f"{q(XDSB, 'Document')}/{q(XOP, 'Include')}")
+            if inc is not None:
+                found = resolve_cid(reply.attachments,
+                                    content_id_from_href(inc.get("href", "")))
+                if found is None:
+                    errors.append(XdsError(
+                        ErrorCode.REPOSITORY_ERROR,
+                        f"document {uid}: community {home} returned it without its content",
+                        location=home))
+                    continue
+                cid = f"doc{len(attachments)}@{CONTENT_ID_DOMAIN}"
+                inc.set("href", f"cid:{cid}")
+                mime = (dr.findtext(q(XDSB, "mimeType")) or "").strip()
+                attachments.append(Attachment(cid, found.path, found.size,
+                                              mime or found.content_type, found.sha1))
+            elif dr.find(q(XDSB, "Document")) is None:
+                errors.append(XdsError(
+                    ErrorCode.REPOSITORY_ERROR,
+                    f"document {uid}: community {home} returned a DocumentResponse without a "
+                    "Document", location=home))
+                continue
+            documents.append(dr)
+    status = status_for(errors, partial_possible=True, any_success=bool(documents))
+    response = etree.Element(q(XDSB, "RetrieveDocumentSetResponse"),
+                             nsmap={"xdsb": XDSB, "xop": XOP})
+    render_registry_response(status, errors, parent=response)
+    for dr in documents:
+        response.append(dr)
+    return SoapResponse(response, attachments=tuple(attachments))
+
+
+def retrieve_routed(services: Any, ctx: RequestContext, routing: RetrieveRouting, *,
+                    action: str, transaction: str) -> SoapResponse:
+    """Send each community its share in parallel; merge the answers (documents as spooled
+    files). Used for ITI-39 and RAD-75."""
+    config: GatewayConfig = services.config
+    pool = pool_for(config)
+    timeout = float(config.xca.retrieve_timeout_seconds)
+    security = security_headers(config, ctx.headers)  # XUA: the consumer's assertion passed on
+
+    def fetch(i: int, r: RoutedRequest) -> Callable[[], SoapReply]:
+        headers = tuple(copy.deepcopy(h) for h in security)  # one copy per thread
+
+        def run() -> SoapReply:
+            spool = Path(ctx.spool_dir) / f"xca-{i}"
+            spool.mkdir(parents=True, exist_ok=True)
+            return pool.call(r.url, action, r.body, read_timeout=timeout, spool_dir=spool,
+                             headers=headers)
+        return run
+
+    outcomes = run_bounded(
+        [(r.community.home_community_id, fetch(i, r)) for i, r in enumerate(routing.routed)],
+        max_parallel=config.xca.max_parallel, timeout=timeout)
+    for r in routing.routed:
+        o = outcomes[r.community.home_community_id]
+        audit_outbound(services, transaction, r.url, r.body,
+                       o.value.body if o.ok and o.value is not None else None,
+                       None if o.ok else OUTCOME_SERIOUS_FAILURE, ctx)
+    return _merge_retrieve(routing.routed, outcomes, routing.errors, timeout, transaction)
+
+
+def failure_response(errors: Sequence[XdsError]) -> SoapResponse:
+    response = etree.Element(q(XDSB, "RetrieveDocumentSetResponse"), nsmap={"xdsb": XDSB})
+    render_registry_response(status_for(errors), list(errors), parent=response)
+    return SoapResponse(response)
+
+
+def retrieve_document_set(services: Any, ctx: RequestContext,
+                          body: etree._Element) -> SoapResponse:
+    """ITI-43 at the initiating gateway: ITI-39 per community, documents streamed through."""
+    try:
+        routing = _retrieve_routing(services.config, body)
+    except XdsFailure as failure:
+        return failure_response(failure.errors)
+    if not routing.routed:
+        return failure_response(routing.errors)
+    return retrieve_routed(services, ctx, routing, action=Action.ITI39, transaction="ITI-39")
+
+
+__all__ = [
+    "PATIENT_QUERIES",
+    "RetrieveRouting",
+    "RoutedRequest",
+    "audit_outbound",
+    "failure_response",
+    "patient_ids_of",
+    "query_targets",
+    "retrieve_document_set",
+    "retrieve_routed",
+    "route_homes",
+    "stored_query",
+    "translate_patient_ids",
+]

@@ -1,0 +1,393 @@
+"""The initiating gateways across real communities on loopback.
+
+Three gateway processes, each its own community (home, registry, repository): A initiates;
+B and C hold documents (submitted with ITI-41); A's [[communities]] also lists D, a closed
+port (down), and S, a local HTTPS server that accepts and then says nothing (slow). Patient
+ids differ per community: C knows our patient under another id (A's cross-reference maps it),
+and D and S are only asked for the patients their cross-reference lists, so each case below
+chooses who is asked by the patient it queries for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import http.server
+import os
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from lxml import etree
+
+from gateway.demo import (
+    AUTHORITY,
+    HOME,
+    ORG_ROOT,
+    free_port,
+    sample_documents,
+    start_gateway,
+    write_config,
+)
+from gateway.ebrim import build
+from gateway.ebrim.metadata import slot_value, unique_id
+from gateway.ebrim.model import (
+    AdhocQuery,
+    AdhocQueryResponse,
+    DocumentRequest,
+    ExtrinsicObject,
+    RetrieveDocumentSetRequest,
+    Slot,
+)
+from gateway.ebrim.parse import parse_adhoc_query_response, parse_retrieve_document_set_response
+from gateway.ebrim.render import (
+    render_adhoc_query_request,
+    render_retrieve_document_set_request,
+    render_submit_objects_request,
+)
+from gateway.ns import XDSB, XDSI, XOP, Action, ErrorCode, ResponseStatus, StoredQuery, q
+from gateway.security.pki import (
+    DevPki,
+    create_dev_pki,
+    issue_certificate,
+    load_certificate,
+    load_private_key,
+    write_certificate,
+    write_private_key,
+)
+from gateway.soap.client import SoapClient
+from gateway.transactions import Attachment
+from gateway.xca.outbound import OutboundPool, OutboundSettings
+
+HA = "urn:oid:1.3.6.1.4.1.21367.2017.2.6.101"
+HB = "urn:oid:1.3.6.1.4.1.21367.2017.2.6.102"
+HC = "urn:oid:1.3.6.1.4.1.21367.2017.2.6.103"
+HD = "urn:oid:1.3.6.1.4.1.21367.2017.2.6.104"  # down: nothing listens
+HS = "urn:oid:1.3.6.1.4.1.21367.2017.2.6.105"  # slow: accepts, never answers in time
+PATIENT = f"XCA-0001^^^&{AUTHORITY}&ISO"  # A's and B's id of the patient
+PATIENT_IN_C = f"C-0042^^^&{AUTHORITY}&ISO"  # C's id of the same patient
+PATIENT_DOWN = f"XCA-0002^^^&{AUTHORITY}&ISO"  # D's cross-reference lists only this one
+PATIENT_SLOW = f"XCA-0003^^^&{AUTHORITY}&ISO"  # S's cross-reference lists only this one
+QUERY_TIMEOUT = 2
+SLOW_SLEEP = 60  # the slow server's silence; the test must finish long before it
+
+
+class SlowServer:
+    """HTTPS with mutual TLS on loopback that reads a request and stays silent until released
+    (at most SLOW_SLEEP seconds)."""
+
+    def __init__(self, pki: DevPki):
+        release = self.release = threading.Event()
+        hits = self.hits = [0]
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                hits[0] += 1
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                release.wait(SLOW_SLEEP)
+                try:
+                    self.send_error(503)
+                except OSError:  # the caller gave up long ago
+                    pass
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.port = free_port()
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server.daemon_threads = True
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(pki.server_cert), str(pki.server_key))
+        ctx.load_verify_locations(cafile=str(pki.ca_cert))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def node_certificate(pki: DevPki, directory: Path) -> tuple[Path, Path]:
+    """A certificate for both ends of mutual TLS (serverAuth + clientAuth): an initiating
+    gateway presents its node certificate to the communities it calls."""
+    cert, key = issue_certificate(load_certificate(pki.ca_cert), load_private_key(pki.ca_key),
+                                  "localhost", server=True, client=True,
+                                  hostnames=("localhost",), ip_addresses=("127.0.0.1",))
+    return (write_certificate(directory / "node.pem", cert),
+            write_private_key(directory / "node-key.pem", key))
+
+
+def community_config(workdir: Path, pki: DevPki, port: int, home: str,
+                     extra: str = "") -> Path:
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = write_config(workdir, pki, port, workers=1)
+    text = path.read_text().replace(f'"{HOME}"', f'"{home}"')
+    assert f'"{home}"' in text
+    path.write_text(text + extra)
+    return path
+
+
+def submit(client: SoapClient, workdir: Path, patient: str, tag: str
+           ) -> dict[str, Path]:
+    """ITI-41 of the demo's report and KOS manifest for `patient`; uniqueId -> file."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    entries = [(dataclasses.replace(values, patient_id=patient,
+                                    unique_id=f"{values.unique_id}.{tag}"
+                                    if values.mime_type == "text/plain" else values.unique_id),
+                path) for values, path in sample_documents(workdir)]
+    docs = tuple(build.document_entry(v) for v, _ in entries)
+    c = build.CodeValue("IMG", "1.3.6.1.4.1.21367.2017.3", "Imaging")
+    sub = build.submission(build.SubmissionSetValues(
+        unique_id=f"{ORG_ROOT}.30.{tag}.{os.getpid()}.{time.time_ns()}", source_id=ORG_ROOT,
+        patient_id=patient, content_type_code=c, title="xca test"), docs)
+    root = etree.Element(q(XDSB, "ProvideAndRegisterDocumentSetRequest"),
+                         nsmap={"xdsb": XDSB, "xop": XOP})
+    root.append(render_submit_objects_request(sub))
+    attachments = []
+    for i, (entry, (_v, path)) in enumerate(zip(docs, entries, strict=True)):
+        cid = f"d{i}@xca-test"
+        etree.SubElement(etree.SubElement(root, q(XDSB, "Document"), id=entry.id),
+                         q(XOP, "Include"), href=f"cid:{cid}")
+        attachments.append(Attachment(cid, path, path.stat().st_size,
+                                      entry.mime_type or "application/octet-stream"))
+    reply = client.call("/xds/repository", Action.ITI41, root, attachments=attachments)
+    assert reply.body is not None and reply.body.get("status") == ResponseStatus.SUCCESS, \
+        etree.tostring(reply.envelope)
+    return {v.unique_id: p for v, p in entries}
+
+
+@dataclass
+class Federation:
+    pki: DevPki
+    a: SoapClient
+    b_docs: dict[str, Path]
+    c_docs: dict[str, Path]
+    slow: SlowServer
+    workdir: Path
+    b_url: str
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+    root = tmp_path_factory.mktemp("xca")
+    pki = create_dev_pki(root / "pki")
+    node_cert, node_key = node_certificate(pki, root / "pki")
+    pa, pb, pc, pd = (free_port() for _ in range(4))
+    slow = SlowServer(pki)
+    running = []
+    clients: list[SoapClient] = []
+    try:
+        for port, home, name in ((pb, HB, "b"), (pc, HC, "c")):
+            cfg = community_config(root / name, pki, port, home)
+            running.append(start_gateway(cfg, pki, port))
+
+        def community(home: str, port: int, patients: dict[str, str] | None = None,
+                      path: str = "/xca/responding") -> str:
+            url = f"https://localhost:{port}"
+            table = ""
+            if patients:
+                table = "patient_ids = { " + ", ".join(
+                    f'"{k}" = "{v}"' for k, v in patients.items()) + " }\n"
+            return (f"\n[[communities]]\nhome_community_id = \"{home}\"\n"
+                    f"query_url = \"{url}{path}\"\nretrieve_url = \"{url}{path}\"\n"
+                    f"imaging_retrieve_url = \"{url}/xcai/responding\"\n{table}")
+
+        extra = (f"\n[xca]\nconnect_timeout_seconds = 2\nquery_timeout_seconds = "
+                 f"{QUERY_TIMEOUT}\nretrieve_timeout_seconds = 20\nmax_parallel = 4\n"
+                 + community(HB, pb)
+                 + community(HC, pc, {PATIENT: PATIENT_IN_C, PATIENT_DOWN: PATIENT_IN_C,
+                                      PATIENT_SLOW: PATIENT_IN_C})
+                 + community(HD, pd, {PATIENT_DOWN: PATIENT_DOWN})
+                 + community(HS, slow.port, {PATIENT_SLOW: PATIENT_SLOW}))
+        cfg_a = community_config(root / "a", pki, pa, HA, extra)
+        cfg_a.write_text(cfg_a.read_text()
+                         .replace(f'certificate = "{pki.server_cert}"',
+                                  f'certificate = "{node_cert}"')
+                         .replace(f'private_key = "{pki.server_key}"',
+                                  f'private_key = "{node_key}"'))
+        running.append(start_gateway(cfg_a, pki, pa))
+
+        def client(port: int) -> SoapClient:
+            c = SoapClient(f"https://localhost:{port}", ca_bundle=pki.ca_cert,
+                           certificate=pki.client_cert, private_key=pki.client_key, timeout=60)
+            clients.append(c)
+            return c
+
+        b_docs = submit(client(pb), root / "docs-b", PATIENT, "2")
+        c_docs = submit(client(pc), root / "docs-c", PATIENT_IN_C, "3")
+        yield Federation(pki, client(pa), b_docs, c_docs, slow, root,
+                         f"https://localhost:{pb}/xca/responding")
+    finally:
+        for c in clients:
+            c.close()
+        slow.stop()
+        for r in running:
+            r.stop()
+
+
+def find(fed: Federation, patient: str
+         ) -> tuple[list[ExtrinsicObject], AdhocQueryResponse, float]:
+    query = AdhocQuery(query_id=StoredQuery.FIND_DOCUMENTS, parameters=(
+        Slot("$XDSDocumentEntryPatientId", (f"'{patient}'",)),
+        Slot("$XDSDocumentEntryStatus", ("('urn:oasis:names:tc:ebxml-regrep:StatusType:"
+                                         "Approved')",))))
+    t0 = time.monotonic()
+    reply = fed.a.call("/xca/initiating", Action.ITI18, render_adhoc_query_request(query))
+    elapsed = time.monotonic() - t0
+    assert reply.body is not None, etree.tostring(reply.envelope)
+    resp = parse_adhoc_query_response(reply.body)
+    entries = [o for o in resp.objects if isinstance(o, ExtrinsicObject)]
+    return entries, resp, elapsed
+
+
+def homes_by_uid(entries: list[ExtrinsicObject]) -> dict[str, str | None]:
+    return {unique_id(e) or "": e.home for e in entries}
+
+
+def test_find_documents_fans_out_and_merges_with_homes(federation: Federation) -> None:
+    entries, resp, _ = find(federation, PATIENT)
+    assert resp.status == ResponseStatus.SUCCESS, resp.errors
+    expected = {**{u: HB for u in federation.b_docs}, **{u: HC for u in federation.c_docs}}
+    assert homes_by_uid(entries) == expected
+    assert federation.slow.hits[0] == 0  # S's cross-reference does not list this patient
+
+
+def test_a_community_that_is_down_gives_partial_success(federation: Federation) -> None:
+    entries, resp, _ = find(federation, PATIENT_DOWN)
+    assert resp.status == ResponseStatus.PARTIAL_SUCCESS
+    # C knows PATIENT_DOWN (cross-reference) and answers; B has nothing for it; D is down
+    assert homes_by_uid(entries) == {u: HC for u in federation.c_docs}
+    errors = resp.errors
+    assert [(e.code, e.location) for e in errors] == [(ErrorCode.UNAVAILABLE_COMMUNITY, HD)]
+
+
+def test_a_slow_community_is_cut_off_at_its_timeout(federation: Federation) -> None:
+    before = federation.slow.hits[0]
+    entries, resp, elapsed = find(federation, PATIENT_SLOW)
+    assert federation.slow.hits[0] == before + 1  # it was asked, and kept silent
+    assert resp.status == ResponseStatus.PARTIAL_SUCCESS
+    assert homes_by_uid(entries) == {u: HC for u in federation.c_docs}
+    errors = resp.errors
+    assert [(e.code, e.location) for e in errors] == [(ErrorCode.UNAVAILABLE_COMMUNITY, HS)]
+    assert f"within {QUERY_TIMEOUT} s" in errors[0].context
+    assert elapsed < SLOW_SLEEP / 2  # bounded by the query timeout, not by the silence
+
+
+def get_documents(fed: Federation, home: str | None,
+                  uids: list[str]) -> AdhocQueryResponse:
+    params = [Slot("$XDSDocumentEntryUniqueId", ("(" + ",".join(f"'{u}'" for u in uids) + ")",))]
+    if home:
+        params.append(Slot("$homeCommunityId", (f"'{home}'",)))
+    reply = fed.a.call("/xca/initiating", Action.ITI18, render_adhoc_query_request(
+        AdhocQuery(query_id=StoredQuery.GET_DOCUMENTS, parameters=tuple(params))))
+    assert reply.body is not None
+    return parse_adhoc_query_response(reply.body)
+
+
+def test_get_documents_goes_only_to_the_named_community(federation: Federation) -> None:
+    everything = [*federation.b_docs, *federation.c_docs]
+    hits = federation.slow.hits[0]
+    resp = get_documents(federation, HC, everything)
+    assert resp.status == ResponseStatus.SUCCESS
+    found = [o for o in resp.objects if isinstance(o, ExtrinsicObject)]
+    assert homes_by_uid(found) == {u: HC for u in federation.c_docs}  # B's are not asked
+    resp = get_documents(federation, HB, everything)
+    found = [o for o in resp.objects if isinstance(o, ExtrinsicObject)]
+    assert homes_by_uid(found) == {u: HB for u in federation.b_docs}
+    assert federation.slow.hits[0] == hits
+
+
+def test_get_documents_without_or_with_unknown_home(federation: Federation) -> None:
+    resp = get_documents(federation, None, list(federation.b_docs))
+    assert resp.status == ResponseStatus.FAILURE
+    assert [e.code for e in resp.errors] == [ErrorCode.MISSING_HOME_COMMUNITY_ID]
+    resp = get_documents(federation, "urn:oid:1.2.3.999", list(federation.b_docs))
+    assert [(e.code, e.location) for e in resp.errors] == [
+        (ErrorCode.UNKNOWN_COMMUNITY, "urn:oid:1.2.3.999")]
+
+
+def _sha1(path: Path) -> str:
+    return hashlib.sha1(path.read_bytes()).hexdigest()
+
+
+def test_iti43_through_a_retrieves_from_b_and_c_byte_exact(federation: Federation) -> None:
+    entries, _, _ = find(federation, PATIENT)
+    requests_ = [DocumentRequest(slot_value(e, "repositoryUniqueId") or "", unique_id(e) or "",
+                                 e.home) for e in entries]
+    requests_.append(DocumentRequest("1.2.3", "1.2.3.4", "urn:oid:1.2.3.999"))
+    spool = federation.workdir / "retrieved"
+    spool.mkdir(exist_ok=True)
+    reply = federation.a.call("/xca/initiating", Action.ITI43,
+                              render_retrieve_document_set_request(
+                                  RetrieveDocumentSetRequest(tuple(requests_))),
+                              spool_dir=spool)
+    assert reply.body is not None, etree.tostring(reply.envelope)
+    resp = parse_retrieve_document_set_response(reply.body)
+    assert resp.status == ResponseStatus.PARTIAL_SUCCESS
+    assert [(e.code, e.location) for e in resp.errors] == [
+        (ErrorCode.UNKNOWN_COMMUNITY, "urn:oid:1.2.3.999")]
+    originals = {**federation.b_docs, **federation.c_docs}
+    got = {}
+    for d in resp.documents:
+        path = reply.attachment_path(d.content_id)
+        assert path is not None
+        got[d.document_unique_id] = (d.home_community_id, _sha1(path))
+    assert got == {u: (HB if u in federation.b_docs else HC, _sha1(p))
+                   for u, p in originals.items()}
+
+
+def test_rad69_through_a_is_routed_as_rad75_to_the_named_community(
+        federation: Federation) -> None:
+    """B has no PACS here: B answers its own errors; A must have reached B (no
+    XDSUnavailableCommunity) and answered XDSUnknownCommunity for the unknown home."""
+    body = etree.Element(q(XDSI, "RetrieveImagingDocumentSetRequest"),
+                         nsmap={"xdsi": XDSI, "xdsb": XDSB})
+    study = etree.SubElement(body, q(XDSI, "StudyRequest"), studyInstanceUID="1.2.3.4")
+    series = etree.SubElement(study, q(XDSI, "SeriesRequest"), seriesInstanceUID="1.2.3.4.5")
+    for home, sop in ((HB, "1.2.3.4.5.6"), ("urn:oid:1.2.3.999", "1.2.3.4.5.7")):
+        d = etree.SubElement(series, q(XDSB, "DocumentRequest"))
+        etree.SubElement(d, q(XDSB, "HomeCommunityId")).text = home
+        etree.SubElement(d, q(XDSB, "RepositoryUniqueId")).text = "1.3.6.1.4.1.21367.2017.2.3.20"
+        etree.SubElement(d, q(XDSB, "DocumentUniqueId")).text = sop
+    tsl = etree.SubElement(body, q(XDSI, "TransferSyntaxUIDList"))
+    etree.SubElement(tsl, q(XDSI, "TransferSyntaxUID")).text = "1.2.840.10008.1.2.1"
+    spool = federation.workdir / "rad69"
+    spool.mkdir(exist_ok=True)
+    reply = federation.a.call("/xcai/initiating", Action.RAD69, body, spool_dir=spool)
+    assert reply.body is not None and not reply.is_fault, etree.tostring(reply.envelope)
+    resp = parse_retrieve_document_set_response(reply.body)
+    codes = [(e.code, e.location) for e in resp.errors]
+    assert (ErrorCode.UNKNOWN_COMMUNITY, "urn:oid:1.2.3.999") in codes
+    assert all(c != ErrorCode.UNAVAILABLE_COMMUNITY for c, _ in codes), codes
+    assert len(codes) >= 2  # B's own answer for its document is in there too
+
+
+def test_outbound_pool_reuses_its_client_over_mutual_tls(federation: Federation) -> None:
+    pki = federation.pki
+    node_cert, node_key = federation.workdir / "pki" / "node.pem", \
+        federation.workdir / "pki" / "node-key.pem"
+    pool = OutboundPool(OutboundSettings(node_cert, node_key, pki.ca_cert, 2.0))
+    body = render_adhoc_query_request(AdhocQuery(
+        query_id=StoredQuery.FIND_DOCUMENTS,
+        parameters=(Slot("$XDSDocumentEntryPatientId", (f"'{PATIENT}'",)),
+                    Slot("$XDSDocumentEntryStatus",
+                         ("('urn:oasis:names:tc:ebxml-regrep:StatusType:Approved')",)))))
+    try:
+        for _ in range(3):
+            reply = pool.call(federation.b_url, Action.ITI38, body, read_timeout=10)
+            assert reply.body is not None
+            resp = parse_adhoc_query_response(reply.body)
+            assert resp.status == ResponseStatus.SUCCESS
+            assert {unique_id(o) for o in resp.objects
+                    if isinstance(o, ExtrinsicObject)} == set(federation.b_docs)
+            assert all(o.home == HB for o in resp.objects)  # the responder stamps its home
+        assert pool.created == 1
+    finally:
+        pool.close()

@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
 # Debian packages the test suite talks to (real peers) or needs to build a venv.
-TEST_DEBS := python3-venv openssl
+TEST_DEBS := python3-venv openssl postgresql orthanc dcmtk rsyslog rsyslog-gnutls
 
 .PHONY: demo test unit lint venv venv-test system-deps clean
 

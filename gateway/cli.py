@@ -4,24 +4,60 @@ from __future__ import annotations
 
 import argparse
 import logging
+import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from gateway import __version__
-from gateway.config import ConfigError, load
+from gateway.config import ConfigError, GatewayConfig, load
+
+
+def check_tls_files(config: GatewayConfig) -> None:
+    """Load the TLS certificate, key and CA bundle now; ConfigError naming the key if not."""
+    t = config.tls
+    if not t.enabled:
+        return
+    from gateway.security.tls import server_context
+
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        probe.load_cert_chain(certfile=str(t.certificate), keyfile=str(t.private_key))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"[tls] certificate: cannot use {t.certificate} with private_key "
+                          f"{t.private_key}: {_reason(exc)}") from None
+    if t.ca_bundle is not None:
+        try:
+            probe.load_verify_locations(cafile=str(t.ca_bundle))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"[tls] ca_bundle: cannot use {t.ca_bundle}: "
+                              f"{_reason(exc)}") from None
+    try:
+        server_context(t)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"[tls]: cannot build the TLS context: {_reason(exc)}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return f"{exc.reason} ({exc.library or 'ssl'})"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
 
 
 def _serve(args: argparse.Namespace) -> int:
     from gateway.soap.server import serve
 
     config = load(Path(args.config))
+    check_tls_files(config)
     serve(config, "gateway.soap.application:app_factory")
     return 0
 
 
 def _check_config(args: argparse.Namespace) -> int:
     config = load(Path(args.config))
+    check_tls_files(config)
     print(f"{config.source}: OK (home community {config.community.home_community_id}, "
           f"{len(config.communities)} remote communities)")
     return 0
@@ -30,7 +66,13 @@ def _check_config(args: argparse.Namespace) -> int:
 def _pki(args: argparse.Namespace) -> int:
     from gateway.security.pki import create_dev_pki
 
-    pki = create_dev_pki(Path(args.directory), hostnames=tuple(args.hostname or ["localhost"]))
+    try:
+        pki = create_dev_pki(Path(args.directory),
+                             hostnames=tuple(args.hostname or ["localhost"]))
+    except OSError as exc:
+        print(f"error: cannot write the PKI to {args.directory}: {_reason(exc)}",
+              file=sys.stderr)
+        return 1
     print("DEVELOPMENT PKI - for demos and tests only, never for production.")
     for label, path in (("CA certificate", pki.ca_cert), ("server certificate", pki.server_cert),
                         ("server key", pki.server_key), ("client certificate", pki.client_cert),
@@ -44,6 +86,28 @@ def _demo(args: argparse.Namespace) -> int:
 
     return run_demo(workdir=Path(args.workdir) if args.workdir else None,
                     port=args.port, keep_serving=args.serve)
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from gateway.dicom.errors import PacsError
+    from gateway.imaging.publish import Selection, publish
+
+    config = load(Path(args.config))
+    if args.since is not None and not (len(args.since) == 8 and args.since.isdigit()):
+        print("error: --since expects a date YYYYMMDD", file=sys.stderr)
+        return 2
+    selection = Selection(study_uid=args.study, since=args.since)
+    try:
+        summary = publish(config, selection, dry_run=args.dry_run,
+                          progress=not args.no_progress and sys.stderr.isatty())
+    except PacsError as exc:
+        print(f"error: cannot list the PACS's studies: {exc}", file=sys.stderr)
+        return 1
+    for result in summary.results:
+        if result.outcome == "failed":
+            print(f"  failed  {result.study_uid}: {result.message}")
+    print(("dry run: " if args.dry_run else "") + summary.line())
+    return 1 if summary.count("failed") else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="TOML configuration file")
     p.set_defaults(func=_serve)
 
-    p = sub.add_parser("check-config", help="validate a configuration file and exit")
+    p = sub.add_parser("check-config",
+                       help="validate a configuration file, load its TLS files, and exit")
     p.add_argument("--config", required=True, help="TOML configuration file")
     p.set_defaults(func=_check_config)
 
@@ -80,6 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(default: a new temporary folder)")
     p.add_argument("--port", type=int, default=0, help="HTTPS port (default: a free one)")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("publish", help="C-FIND the PACS, build one KOS manifest per study and "
+                                       "register it with ITI-41 (idempotent; RPLC when a "
+                                       "study changed)")
+    p.add_argument("--config", required=True, help="TOML configuration file")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--study", metavar="UID", help="one study, by Study Instance UID")
+    which.add_argument("--since", metavar="YYYYMMDD", help="studies of this date and later")
+    which.add_argument("--all", action="store_true", help="every study of the PACS")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build and compare the manifests, register nothing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_publish)
 
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=lambda _args: print(__version__) or 0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,9 @@ class ServerConfig:
     max_envelope_bytes: int = 64 * 1024 * 1024  # the SOAP envelope part alone
     request_timeout_seconds: int = 300
     spool_directory: Path | None = None  # None: the system temp folder
+    header_timeout_seconds: int = 10  # TLS handshake + request head, from the connection
+    body_timeout_seconds: int = 30  # request body, from the end of the head ...
+    min_body_rate_bytes_per_second: int = 4096  # ... plus 1 s per this many bytes received
 
 
 @dataclass(frozen=True)
@@ -71,11 +74,94 @@ class PacsConfig:
     retrieve: str = "c-get"
     move_destination_ae_title: str = "XDSI-GW"
     move_port: int = 11112
+    associations: int = 3  # parallel associations per RAD-69 retrieve
+    timeout_seconds: int = 30  # bound on every wait for the PACS (connect, DIMSE, network)
+    # DICOM TLS (PS3.15 B.1, ATNA): every association to the PACS runs over mutual TLS 1.2+,
+    # and the C-MOVE storage SCP accepts only TLS. Defaults taken from [tls] by from_dict().
+    tls: bool = False
+    tls_ca_bundle: Path | None = None  # CA(s) the PACS certificate must chain to
+    tls_certificate: Path | None = None  # our client certificate
+    tls_private_key: Path | None = None
+    tls_server_name: str = ""  # name checked in the PACS certificate; default: host
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    """The KOS manifest publisher (`xdsi-gateway publish`)."""
+
+    repository_url: str = ""  # ITI-41 endpoint (https://); empty: the built-in repository
+    registry_url: str = ""  # ITI-18 endpoint of that remote registry (required with it)
+    wado_rs_base: str = ""  # WADO-RS base for Retrieve URL in the manifests; empty: none
+    source_id: str = ""  # submission set sourceId (OID); default: imaging_source_unique_id
+    issuer_of_patient_id: str = ""  # (0010,0021); default: patient_id_assigning_authority
+    source_patient_id_authority: str = ""  # OID of the PACS's own patient ids; default: domain
+    accession_number_authority: str = ""  # OID of the accession numbers' issuer
+    placer_order_authority: str = ""  # OID of the placer order numbers' issuer
+    institution_name: str = ""
+    retrieve_ae_title: str = ""  # Retrieve AE Title in the manifests; default: called_ae_title
+    class_code: str = "IMAGES | 1.3.6.1.4.1.19376.1.2.6.1 | Images"
+    type_code: str = "18748-4 | 2.16.840.1.113883.6.1 | Diagnostic imaging study"
+    confidentiality_code: str = "N | 2.16.840.1.113883.5.25 | normal"
+    healthcare_facility_type_code: str = \
+        "RADDX | 2.16.840.1.113883.5.10588 | Radiology diagnostics or therapeutics unit"
+    practice_setting_code: str = "394914008 | 2.16.840.1.113883.6.96 | Radiology"
+    content_type_code: str = "IMAGES | 1.3.6.1.4.1.19376.1.2.6.1 | Images"
+    modality_coding_scheme: str = "DCM"
+    region_coding_scheme: str = "SCT"
+    # [publish.body_parts] BODYPART = "code | meaning": added to / replacing the built-in map.
+    body_parts: tuple[tuple[str, str], ...] = ()
+    pacs_timeout_seconds: int = 30
 
 
 @dataclass(frozen=True)
 class AuditConfig:
-    enabled: bool = False
+    """ATNA audit records (ITI-20) to an Audit Record Repository (gateway.security.audit)."""
+
+    transport: str = "none"  # "tls" (RFC 5425, mutual TLS with [tls]), "udp" (RFC 5426), "none"
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: 6514 for tls, 514 for udp
+    server_name: str = ""  # host name expected in the repository's certificate; default: host
+    spool_directory: Path | None = None  # default: var/audit-spool beside the configuration
+    app_name: str = "xdsi-gateway"  # syslog APP-NAME
+    audit_source_id: str = ""  # AuditSourceID; default: [community] home_community_id
+    enterprise_site_id: str = ""  # AuditEnterpriseSiteID; empty: left out
+    max_spool_records: int = 100_000  # records waiting beyond this are dropped, loudly
+    max_spool_bytes: int = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class XuaConfig:
+    """XUA (ITI-40): SAML assertions in wsse:Security checked by gateway.security.xua."""
+
+    required: bool = False  # every SOAP endpoint requires an assertion
+    required_endpoints: tuple[str, ...] = ()  # or only these endpoint paths
+    trusted_certificates: tuple[Path, ...] = ()  # PEM files of the trusted assertion signers
+    audience: str = ""  # the Audience every assertion must name (required with certificates)
+    clock_skew_seconds: int = 60
+    # The initiating gateways forward the consumer's wsse:Security header; when the consumer
+    # sent none, this file (a saml:Assertion, or a whole wsse:Security element) is sent.
+    outbound_assertion: Path | None = None
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Per-request bounds against hostile or runaway input (gateway.security.limits)."""
+
+    max_xml_elements: int = 1_000_000  # markup ('<') in the SOAP envelope, counted before parsing
+    max_documents_per_request: int = 1000  # ITI-41 Documents, ITI-41/42 ExtrinsicObjects
+    max_document_requests: int = 1000  # DocumentRequests of ITI-43/39, RAD-69/75
+    max_query_slots: int = 100  # Slots of one AdhocQuery (ITI-18/38)
+    max_query_values: int = 2000  # Values over all Slots of one AdhocQuery
+
+
+@dataclass(frozen=True)
+class XcaConfig:
+    """The initiating gateways' outbound traffic (gateway.xca): timeouts and parallelism."""
+
+    connect_timeout_seconds: int = 5  # TCP + TLS connect to a remote community
+    query_timeout_seconds: int = 30  # bound on one community's ITI-38 answer
+    retrieve_timeout_seconds: int = 300  # bound on one community's ITI-39 / RAD-75 answer
+    max_parallel: int = 10  # communities asked at once by one request
 
 
 @dataclass(frozen=True)
@@ -84,6 +170,11 @@ class RemoteCommunity:
     query_url: str = ""
     retrieve_url: str = ""
     imaging_retrieve_url: str = ""
+    # Patient id cross-reference, local CX -> this community's CX: a CSV file of
+    # "local_cx,remote_cx" lines and/or an inline table; merged into `patient_ids` by
+    # from_dict() (the inline table wins). Empty: the local id is sent unchanged.
+    patient_id_map: Path | None = None
+    patient_ids: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -95,6 +186,10 @@ class GatewayConfig:
     repository: RepositoryConfig = field(default_factory=RepositoryConfig)
     pacs: PacsConfig = field(default_factory=PacsConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    xua: XuaConfig = field(default_factory=XuaConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
+    xca: XcaConfig = field(default_factory=XcaConfig)
     communities: tuple[RemoteCommunity, ...] = ()
     source: Path | None = None  # the file this was read from
 
@@ -107,6 +202,10 @@ _SECTIONS: dict[str, type] = {
     "repository": RepositoryConfig,
     "pacs": PacsConfig,
     "audit": AuditConfig,
+    "xua": XuaConfig,
+    "limits": LimitsConfig,
+    "publish": PublishConfig,
+    "xca": XcaConfig,
 }
 
 
@@ -120,6 +219,18 @@ def _coerce(where: str, value: Any, annotation: str, base: Path) -> Any:
             raise ConfigError(f"{where}: expected a path (a non-empty string)")
         p = Path(value).expanduser()
         return p if p.is_absolute() else (base / p)
+    if annotation in ("tuple[Path, ...]", "tuple[str, ...]"):  # an array of paths / strings
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{where}: expected an array of non-empty strings")
+        if annotation == "tuple[str, ...]":
+            return tuple(value)
+        return tuple(p if p.is_absolute() else base / p
+                     for p in (Path(v).expanduser() for v in value))
+    if annotation.startswith("tuple[tuple[str, str]"):  # a table of strings
+        if not isinstance(value, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise ConfigError(f"{where}: expected a table of strings (KEY = \"value\")")
+        return tuple(sorted(value.items()))
     if "bool" in kinds:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
@@ -136,19 +247,34 @@ def _coerce(where: str, value: Any, annotation: str, base: Path) -> Any:
 
 
 def _section(name: str, cls: type, raw: Any, base: Path) -> Any:
+    """One table -> `cls`; `name` is a section name or a full label like `[[communities]] #2`."""
+    label = name if name.startswith("[") else f"[{name}]"
     if not isinstance(raw, dict):
-        raise ConfigError(f"[{name}]: expected a table")
+        raise ConfigError(f"{label}: expected a table")
     known = {f.name: f for f in fields(cls)}
     kwargs = {}
     for key, value in raw.items():
         if key not in known:
             raise ConfigError(
-                f"[{name}] {key}: unknown key (known: {', '.join(sorted(known))})")
-        kwargs[key] = _coerce(f"[{name}] {key}", value, str(known[key].type), base)
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:  # a required field missing
-        raise ConfigError(f"[{name}]: {exc}") from None
+                f"{label} {key}: unknown key (known: {', '.join(sorted(known))})")
+        kwargs[key] = _coerce(f"{label} {key}", value, str(known[key].type), base)
+    for f in known.values():
+        if f.name not in kwargs and f.default is MISSING and f.default_factory is MISSING:
+            raise ConfigError(f"{label} {f.name}: required")
+    return cls(**kwargs)
+
+
+def _sqlite_relative_to(url: str, base: Path) -> str:
+    """`sqlite:///var/x.db` (a relative file) -> `sqlite:////<base>/var/x.db`."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix):
+        return url
+    path, sep, query = url[len(prefix):].partition("?")
+    if not path or path.startswith("/") or path == ":memory:" or path.startswith("file:"):
+        return url
+    expanded = Path(path).expanduser()
+    resolved = expanded if expanded.is_absolute() else base / expanded
+    return f"{prefix}{resolved}{sep}{query}"
 
 
 def _check_oid(where: str, value: str, *, urn: bool = False) -> None:
@@ -174,6 +300,12 @@ def validate(cfg: GatewayConfig) -> None:
         raise ConfigError("[server] max_envelope_bytes: expected 1024 to max_request_bytes")
     if s.request_timeout_seconds < 1:
         raise ConfigError("[server] request_timeout_seconds: expected at least 1")
+    if not 1 <= s.header_timeout_seconds <= 3600:
+        raise ConfigError("[server] header_timeout_seconds: expected 1 to 3600")
+    if not 1 <= s.body_timeout_seconds <= 86400:
+        raise ConfigError("[server] body_timeout_seconds: expected 1 to 86400")
+    if s.min_body_rate_bytes_per_second < 0:
+        raise ConfigError("[server] min_body_rate_bytes_per_second: expected 0 or more")
     if s.spool_directory is not None and not s.spool_directory.is_dir():
         raise ConfigError(f"[server] spool_directory: not a folder: {s.spool_directory}")
     t = cfg.tls
@@ -215,6 +347,15 @@ def validate(cfg: GatewayConfig) -> None:
     for key in ("port", "move_port"):
         if not 0 < getattr(p, key) < 65536:
             raise ConfigError(f"[pacs] {key}: not a TCP port")
+    if not 1 <= p.associations <= 16:
+        raise ConfigError("[pacs] associations: expected 1 to 16")
+    if not 1 <= p.timeout_seconds <= 3600:
+        raise ConfigError("[pacs] timeout_seconds: expected 1 to 3600")
+    _validate_pacs_tls(p)
+    _validate_publish(cfg.publish)
+    _validate_audit(cfg)
+    _validate_xua(cfg)
+    _validate_limits(cfg)
     seen: set[str] = set()
     for i, rc in enumerate(cfg.communities):
         where = f"[[communities]] #{i + 1}"
@@ -226,6 +367,181 @@ def validate(cfg: GatewayConfig) -> None:
             url = getattr(rc, key)
             if url and not url.startswith("https://"):
                 raise ConfigError(f"{where} {key}: expected an https:// URL")
+        for local, remote in rc.patient_ids:
+            if not local.strip() or not remote.strip():
+                raise ConfigError(f"{where} patient_ids: empty patient id in the mapping")
+    _validate_xca(cfg.xca)
+
+
+def _validate_pacs_tls(p: PacsConfig) -> None:
+    if not p.tls:
+        return
+    for key in ("tls_ca_bundle", "tls_certificate", "tls_private_key"):
+        path = getattr(p, key)
+        if path is None:
+            raise ConfigError(f"[pacs] {key}: required when tls = true (or set [tls] "
+                              f"{key.removeprefix('tls_')})")
+        if not path.is_file():
+            raise ConfigError(f"[pacs] {key}: file not found: {path}")
+
+
+def _pacs_defaults(pacs: PacsConfig, tls: TlsConfig) -> PacsConfig:
+    """[pacs] tls_* default to the node's [tls] material (only when [pacs] tls is on)."""
+    if not pacs.tls:
+        return pacs
+    return replace(pacs,
+                   tls_ca_bundle=pacs.tls_ca_bundle or tls.ca_bundle,
+                   tls_certificate=pacs.tls_certificate or tls.certificate,
+                   tls_private_key=pacs.tls_private_key or tls.private_key)
+
+
+def _validate_xca(x: XcaConfig) -> None:
+    for key in ("connect_timeout_seconds", "query_timeout_seconds", "retrieve_timeout_seconds"):
+        if not 1 <= getattr(x, key) <= 3600:
+            raise ConfigError(f"[xca] {key}: expected 1 to 3600")
+    if not 1 <= x.max_parallel <= 256:
+        raise ConfigError("[xca] max_parallel: expected 1 to 256")
+
+
+def read_patient_id_map(path: Path, where: str) -> dict[str, str]:
+    """A CSV file of "local_cx,remote_cx" lines (blank lines and lines starting with # are
+    skipped; an optional header line "local_cx,remote_cx" too) -> {local: remote}."""
+    import csv
+
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            rows = list(csv.reader(fh))
+    except FileNotFoundError:
+        raise ConfigError(f"{where} patient_id_map: file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ConfigError(f"{where} patient_id_map: cannot read {path}: {exc}") from None
+    mapping: dict[str, str] = {}
+    for n, row in enumerate(rows, 1):
+        cells = [c.strip() for c in row]
+        if not cells or not any(cells) or cells[0].startswith("#"):
+            continue
+        if n == 1 and [c.lower() for c in cells] == ["local_cx", "remote_cx"]:
+            continue
+        if len(cells) != 2 or not all(cells):
+            raise ConfigError(f"{where} patient_id_map: {path} line {n}: expected "
+                              "\"local_cx,remote_cx\"")
+        if cells[0] in mapping and mapping[cells[0]] != cells[1]:
+            raise ConfigError(f"{where} patient_id_map: {path} line {n}: a local patient id "
+                              "mapped twice")
+        mapping[cells[0]] = cells[1]
+    return mapping
+
+
+def _with_patient_map(rc: RemoteCommunity, where: str) -> RemoteCommunity:
+    if rc.patient_id_map is None:
+        return rc
+    mapping = read_patient_id_map(rc.patient_id_map, where)
+    mapping.update(dict(rc.patient_ids))
+    return replace(rc, patient_ids=tuple(sorted(mapping.items())))
+
+
+def _validate_publish(pub: PublishConfig) -> None:
+    for key in ("repository_url", "registry_url"):
+        url = getattr(pub, key)
+        if url and not url.startswith("https://"):
+            raise ConfigError(f"[publish] {key}: expected an https:// URL")
+    if bool(pub.repository_url) != bool(pub.registry_url):
+        raise ConfigError("[publish] registry_url: a remote repository_url needs the "
+                          "registry_url of its affinity domain (and the other way round)")
+    if pub.wado_rs_base and not pub.wado_rs_base.startswith(("https://", "http://")):
+        raise ConfigError("[publish] wado_rs_base: expected an http(s):// URL")
+    for key in ("source_id", "source_patient_id_authority", "accession_number_authority",
+                "placer_order_authority"):
+        if getattr(pub, key):
+            _check_oid(f"[publish] {key}", getattr(pub, key))
+    if pub.retrieve_ae_title and not AE_TITLE.match(pub.retrieve_ae_title):
+        raise ConfigError("[publish] retrieve_ae_title: not a DICOM AE title "
+                          "(1-16 characters, no \\)")
+    for key in ("class_code", "type_code", "confidentiality_code",
+                "healthcare_facility_type_code", "practice_setting_code", "content_type_code"):
+        parts = [p.strip() for p in getattr(pub, key).split("|")]
+        if len(parts) != 3 or not all(parts):
+            raise ConfigError(f"[publish] {key}: expected \"code | coding scheme | display "
+                              f"name\", got {getattr(pub, key)!r}")
+    for part, value in pub.body_parts:
+        pieces = [p.strip() for p in value.split("|")]
+        if not part.strip() or len(pieces) not in (2, 3) or not all(pieces):
+            raise ConfigError(f"[publish.body_parts] {part}: expected \"code | meaning\" or "
+                              f"\"code | coding scheme | meaning\", got {value!r}")
+    if not 1 <= pub.pacs_timeout_seconds <= 3600:
+        raise ConfigError("[publish] pacs_timeout_seconds: expected 1 to 3600")
+
+
+AUDIT_TRANSPORTS = ("tls", "udp", "none")
+
+
+def _validate_audit(cfg: GatewayConfig) -> None:
+    a = cfg.audit
+    if a.transport not in AUDIT_TRANSPORTS:
+        raise ConfigError(f"[audit] transport: expected \"tls\", \"udp\" or \"none\", "
+                          f"got {a.transport!r}")
+    if a.transport == "none":
+        return
+    if not a.host.strip():
+        raise ConfigError("[audit] host: required when transport is not \"none\"")
+    if not 0 < a.port < 65536:
+        raise ConfigError(f"[audit] port: {a.port} is not a TCP/UDP port")
+    if a.max_spool_records < 1:
+        raise ConfigError("[audit] max_spool_records: expected at least 1")
+    if a.max_spool_bytes < 64 * 1024:
+        raise ConfigError("[audit] max_spool_bytes: expected at least 65536")
+    if not a.app_name or len(a.app_name) > 48 or not all(33 <= ord(c) <= 126 for c in a.app_name):
+        raise ConfigError("[audit] app_name: 1-48 printable ASCII characters, no spaces")
+    if a.transport == "tls":
+        t = cfg.tls
+        for key in ("certificate", "private_key", "ca_bundle"):
+            path = getattr(t, key)
+            if path is None:
+                raise ConfigError(f"[audit] transport: \"tls\" needs [tls] {key} (the node's "
+                                  "certificate authenticates it to the audit repository)")
+            if not path.is_file():
+                raise ConfigError(f"[tls] {key}: file not found: {path}")
+
+
+def _validate_xua(cfg: GatewayConfig) -> None:
+    x = cfg.xua
+    for path in x.trusted_certificates:
+        if not path.is_file():
+            raise ConfigError(f"[xua] trusted_certificates: file not found: {path}")
+        try:
+            from cryptography import x509
+
+            if not x509.load_pem_x509_certificates(path.read_bytes()):
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"[xua] trusted_certificates: no PEM certificate in {path}") from None
+    if (x.required or x.required_endpoints) and not x.trusted_certificates:
+        raise ConfigError("[xua] trusted_certificates: required when assertions are required")
+    if x.trusted_certificates and not x.audience:
+        raise ConfigError("[xua] audience: required with trusted_certificates")
+    if not 0 <= x.clock_skew_seconds <= 3600:
+        raise ConfigError("[xua] clock_skew_seconds: expected 0 to 3600")
+    if x.outbound_assertion is not None and not x.outbound_assertion.is_file():
+        raise ConfigError(f"[xua] outbound_assertion: file not found: {x.outbound_assertion}")
+    from gateway.transactions import ENDPOINTS_BY_PATH
+
+    for endpoint_path in x.required_endpoints:
+        if endpoint_path not in ENDPOINTS_BY_PATH:
+            raise ConfigError(f"[xua] required_endpoints: unknown endpoint {endpoint_path!r} "
+                              f"(known: {', '.join(ENDPOINTS_BY_PATH)})")
+
+
+def _validate_limits(cfg: GatewayConfig) -> None:
+    for key in ("max_xml_elements", "max_documents_per_request", "max_document_requests",
+                "max_query_slots", "max_query_values"):
+        if getattr(cfg.limits, key) < 1:
+            raise ConfigError(f"[limits] {key}: expected at least 1")
+
+
+def _audit_defaults(audit: AuditConfig, base: Path) -> AuditConfig:
+    port = audit.port or (6514 if audit.transport == "tls" else 514)
+    spool = audit.spool_directory or (base / "var" / "audit-spool")
+    return replace(audit, port=port, spool_directory=spool)
 
 
 def from_dict(raw: dict[str, Any], base: Path, source: Path | None = None) -> GatewayConfig:
@@ -237,16 +553,19 @@ def from_dict(raw: dict[str, Any], base: Path, source: Path | None = None) -> Ga
                 for name, cls in _SECTIONS.items()}
     repo_dir = sections["repository"].directory
     if not repo_dir.is_absolute():
-        sections["repository"] = RepositoryConfig(directory=base / repo_dir)
-    if not sections["registry"].database:
-        sections["registry"] = RegistryConfig(
-            database=f"sqlite:///{base / 'var' / 'registry.db'}",
-            max_results=sections["registry"].max_results)
+        sections["repository"] = replace(sections["repository"], directory=base / repo_dir)
+    registry = sections["registry"]
+    database = (_sqlite_relative_to(registry.database, base) if registry.database
+                else f"sqlite:///{base / 'var' / 'registry.db'}")
+    sections["registry"] = replace(registry, database=database)
+    sections["audit"] = _audit_defaults(sections["audit"], base)
+    sections["pacs"] = _pacs_defaults(sections["pacs"], sections["tls"])
     raw_communities = raw.get("communities", [])
     if not isinstance(raw_communities, list):
         raise ConfigError("[[communities]]: expected an array of tables")
     communities = tuple(
-        _section(f"[communities] #{i + 1}", RemoteCommunity, rc, base)
+        _with_patient_map(_section(f"[[communities]] #{i + 1}", RemoteCommunity, rc, base),
+                          f"[[communities]] #{i + 1}")
         for i, rc in enumerate(raw_communities))
     cfg = GatewayConfig(**sections, communities=communities, source=source)
     validate(cfg)
@@ -262,4 +581,8 @@ def load(path: Path) -> GatewayConfig:
         raise ConfigError(f"{path}: configuration file not found") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 text") from None
+    except OSError as exc:  # a folder, no permission...
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     return from_dict(raw, path.resolve().parent, source=path.resolve())

@@ -15,6 +15,11 @@ XOP = "http://www.w3.org/2004/08/xop/include"
 XMIME = "http://www.w3.org/2005/05/xmlmime"
 XSI = "http://www.w3.org/2001/XMLSchema-instance"
 WSA_ANONYMOUS = "http://www.w3.org/2005/08/addressing/anonymous"
+# WS-Security 1.1 (SOAP Message Security; the 1.0 secext namespace is kept by 1.1) and SAML 2.0.
+WSSE = "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-wssecurity-secext-1.0.xsd"
+WSU = "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-wssecurity-utility-1.0.xsd"
+SAML2 = "urn:oasis:names:tc:SAML:2.0:assertion"
+DS = "http://www.w3.org/2000/09/xmldsig#"
 
 # --- ebXML RegRep 3.0 and IHE ----------------------------------------------------------------
 RIM = "urn:oasis:names:tc:ebxml-regrep:xsd:rim:3.0"

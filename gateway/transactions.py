@@ -21,6 +21,7 @@ from lxml import etree
 from gateway.ns import Action
 
 if TYPE_CHECKING:
+    from gateway.security.xua import XuaSubject
     from gateway.services import Services
 
 
@@ -32,6 +33,9 @@ class Attachment:
     path: Path
     size: int
     content_type: str = "application/octet-stream"
+    # Lowercase hex SHA-1 of the bytes, when the writer of `path` computed it while writing
+    # (the MTOM parser does); None when unknown.
+    sha1: str | None = None
 
 
 @dataclass
@@ -47,6 +51,14 @@ class RequestContext:
     spool_dir: Path
     # Envelope headers (lxml elements) for handlers that need them (XUA, later).
     headers: tuple[etree._Element, ...] = ()
+    # The verified XUA subject (gateway.security.xua.XuaSubject) when the request carried a
+    # valid SAML assertion; None otherwise. Set by the edge before the handler runs.
+    xua_subject: XuaSubject | None = None
+    # Who asked and where (for the ATNA audit record): wsa:ReplyTo/Address of the request, the
+    # client's IP address, and the URL of the endpoint that answered.
+    reply_to: str | None = None
+    client_address: str | None = None
+    endpoint_url: str | None = None
 
 
 @dataclass
@@ -83,19 +95,28 @@ ITI41 = Transaction("ITI-41", "Provide and Register Document Set-b", Action.ITI4
 ITI43 = Transaction("ITI-43", "Retrieve Document Set", Action.ITI43, Action.ITI43_RESPONSE,
                     "gateway.repository.handlers:retrieve_document_set", mtom_response=True)
 RAD69 = Transaction("RAD-69", "Retrieve Imaging Document Set", Action.RAD69,
-                    Action.RAD69_RESPONSE, None, mtom_response=True)
-ITI38 = Transaction("ITI-38", "Cross Gateway Query", Action.ITI38, Action.ITI38_RESPONSE, None)
+                    Action.RAD69_RESPONSE, "gateway.imaging.rad69:retrieve_imaging_document_set",
+                    mtom_response=True)
+ITI38 = Transaction("ITI-38", "Cross Gateway Query", Action.ITI38, Action.ITI38_RESPONSE,
+                    "gateway.xca.responding:cross_gateway_query")
 ITI39 = Transaction("ITI-39", "Cross Gateway Retrieve", Action.ITI39, Action.ITI39_RESPONSE,
-                    None, mtom_response=True)
+                    "gateway.xca.responding:cross_gateway_retrieve", mtom_response=True)
 RAD75 = Transaction("RAD-75", "Cross Gateway Retrieve Imaging Document Set", Action.RAD75,
-                    Action.RAD75_RESPONSE, None, mtom_response=True)
+                    Action.RAD75_RESPONSE,
+                    "gateway.xca.responding_imaging:cross_gateway_retrieve_imaging",
+                    mtom_response=True)
 # The initiating gateways answer the local consumer transactions (routed to other communities).
 ITI18_INITIATING = Transaction("ITI-18", "Registry Stored Query (initiating gateway)",
-                               Action.ITI18, Action.ITI18_RESPONSE, None)
+                               Action.ITI18, Action.ITI18_RESPONSE,
+                               "gateway.xca.initiating:stored_query")
 ITI43_INITIATING = Transaction("ITI-43", "Retrieve Document Set (initiating gateway)",
-                               Action.ITI43, Action.ITI43_RESPONSE, None, mtom_response=True)
+                               Action.ITI43, Action.ITI43_RESPONSE,
+                               "gateway.xca.initiating:retrieve_document_set",
+                               mtom_response=True)
 RAD69_INITIATING = Transaction("RAD-69", "Retrieve Imaging Document Set (initiating gateway)",
-                               Action.RAD69, Action.RAD69_RESPONSE, None, mtom_response=True)
+                               Action.RAD69, Action.RAD69_RESPONSE,
+                               "gateway.xca.initiating_imaging:retrieve_imaging_document_set",
+                               mtom_response=True)
 
 
 @dataclass(frozen=True)

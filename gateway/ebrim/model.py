@@ -131,12 +131,14 @@ class DocumentContent:
     """The bytes of one xds-b:Document of an ITI-41 request, spooled to a file.
 
     `path` is a temporary file owned by the request (the MTOM layer or the base64 decoder
-    wrote it); `size` is its length in bytes.
+    wrote it); `size` is its length in bytes; `sha1` its lowercase hex SHA-1 when the writer
+    computed it while spooling (None when unknown).
     """
 
     id: str
     path: Path
     size: int
+    sha1: str | None = None
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import re
 import uuid
 from collections.abc import Callable, Mapping
@@ -302,10 +303,12 @@ def content_id_from_href(href: str) -> str:
     return h
 
 
-def decode_base64_to_file(text: str, target: Path, *, document_id: str = "") -> int:
+def decode_base64_to_file(text: str, target: Path, *, document_id: str = "",
+                          digest: hashlib._Hash | None = None) -> int:
     """Decode base64 `text` (whitespace allowed) into `target` chunk by chunk; return the size.
 
-    Raises `XdsFailure(XDSRepositoryError)` when the text is not valid base64.
+    `digest` (a hashlib object), when given, is updated with the decoded bytes as they are
+    written. Raises `XdsFailure(XDSRepositoryError)` when the text is not valid base64.
     """
     size = 0
     carry = ""
@@ -327,6 +330,8 @@ def decode_base64_to_file(text: str, target: Path, *, document_id: str = "") -> 
                 raise _fail(f"Document {document_id!r}: content is not valid base64",
                             ErrorCode.REPOSITORY_ERROR) from None
             out.write(data)
+            if digest is not None:
+                digest.update(data)
             size += len(data)
     if carry:
         raise _fail(f"Document {document_id!r}: base64 content is truncated "
@@ -352,14 +357,15 @@ def parse_document(el: etree._Element, attachments: Mapping[str, Attachment],
                         f"part <{cid}>, which is not in the message "
                         f"({len(attachments)} attachment(s) received)",
                         ErrorCode.MISSING_DOCUMENT)
-        return DocumentContent(id=doc_id, path=att.path, size=att.size)
+        return DocumentContent(id=doc_id, path=att.path, size=att.size, sha1=att.sha1)
     if _children(el):
         raise _fail(f"Document {doc_id!r}: unexpected child element "
                     f"{_tag(_children(el)[0])} (expected base64 text or xop:Include)",
                     ErrorCode.REPOSITORY_ERROR)
     target = spool_dir / f"inline-{uuid.uuid4().hex}.bin"
-    size = decode_base64_to_file(el.text or "", target, document_id=doc_id)
-    return DocumentContent(id=doc_id, path=target, size=size)
+    digest = hashlib.sha1(usedforsecurity=False)
+    size = decode_base64_to_file(el.text or "", target, document_id=doc_id, digest=digest)
+    return DocumentContent(id=doc_id, path=target, size=size, sha1=digest.hexdigest())
 
 
 def parse_provide_and_register(el: etree._Element, attachments: Mapping[str, Attachment],

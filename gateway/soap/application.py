@@ -13,6 +13,7 @@ Routing by PATH_INFO: `POST <endpoint>` -> SOAP through the endpoint's spyne app
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import re
@@ -28,6 +29,7 @@ from lxml import etree
 
 from gateway.errors import SoapFault, SoapFaultCode, XdsError, XdsFailure
 from gateway.ns import Action, ResponseStatus
+from gateway.security.guard import RequestSecurity
 from gateway.soap.envelope import (
     FAULT_ACTION,
     FaultReport,
@@ -40,6 +42,7 @@ from gateway.soap.health import HEALTH_PATH, health_document
 from gateway.soap.mtom import ClosingIterable
 from gateway.soap.protocol import (
     EXCHANGE_KEY,
+    MAX_XML_ELEMENTS_KEY,
     EdgeFault,
     Exchange,
     MtomWriter,
@@ -63,6 +66,9 @@ log = logging.getLogger("gateway.soap")
 StartResponse = Callable[..., Any]
 WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
+REQUEST_CONTEXT_KEY = "xdsi.request_context"
+
+ENDPOINT_KEY = "xdsi.endpoint"  # environ: the path of the endpoint being called
 DEFAULT_MAX_ENVELOPE_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024 * 1024
 
@@ -123,8 +129,10 @@ class SoapEdge:
         self.spool_root = spool_root
         self._handlers: dict[str, Handler] = {}
         self._lock = threading.Lock()
+        self._security = RequestSecurity.from_config(getattr(services, "config", None))
         self._soap: dict[str, WsgiApp] = {
-            e.path: build_spyne_app(e, self.dispatch, max_envelope_bytes=max_envelope_bytes,
+            e.path: build_spyne_app(e, self.audited_dispatch,
+                                    max_envelope_bytes=max_envelope_bytes,
                                     max_request_bytes=max_request_bytes,
                                     mtom_writer=mtom_writer)
             for e in endpoints
@@ -187,6 +195,8 @@ class SoapEdge:
                    start_response: StartResponse) -> Iterable[bytes]:
         ex = Exchange()
         environ[EXCHANGE_KEY] = ex
+        environ[MAX_XML_ELEMENTS_KEY] = self._security.limits.max_xml_elements
+        environ[ENDPOINT_KEY] = endpoint.path
 
         def spyne_start_response(status: str, headers: list[tuple[str, str]],
                                  exc_info: Any = None) -> Any:
@@ -235,10 +245,69 @@ class SoapEdge:
             self._handlers[spec] = handler
             return handler
 
+    # --- ATNA audit (ITI-20): one record per answered transaction ---------------------------
+
+    def audited_dispatch(self, environ: dict[str, Any], transaction: Transaction,
+                         body: etree._Element) -> SoapResponse:
+        """`dispatch()`, then the transaction's audit record, whatever the outcome: from the
+        response status (XdsFailure responses included), 8 for a Sender fault, 12 for a
+        Receiver fault or any other failure. Recording only appends to the local spool."""
+        response_body: etree._Element | None = None
+        outcome: int | None = None
+        try:
+            response = self.dispatch(environ, transaction, body)
+            response_body = response.body
+            return response
+        except EdgeFault as fault:
+            outcome = 8 if fault.report.fault.code == SoapFaultCode.SENDER else 12
+            raise
+        except BaseException:
+            outcome = 12
+            raise
+        finally:
+            self._record_audit(environ, transaction, body, response_body, outcome)
+
+    def _record_audit(self, environ: dict[str, Any], transaction: Transaction,
+                      body: etree._Element, response_body: etree._Element | None,
+                      outcome: int | None) -> None:
+        audit = getattr(self.services, "audit", None)
+        if audit is None or not getattr(audit, "enabled", False):
+            return
+        try:
+            ex = exchange_of(environ)
+            rctx = environ.get(REQUEST_CONTEXT_KEY)
+            endpoint = environ.get(ENDPOINT_KEY) or next(
+                (p for p, e in self.endpoints.items() if transaction in e.transactions), "")
+            if not isinstance(rctx, RequestContext):  # refused before the handler was called
+                rctx = RequestContext(endpoint=endpoint, action=transaction.request_action,
+                                      message_id=ex.message_id,
+                                      client_subject=environ.get("xdsi.client_subject"),
+                                      attachments={}, spool_dir=Path("."))
+            rctx = dataclasses.replace(
+                rctx, reply_to=ex.inbound.reply_to if ex.inbound is not None else None,
+                client_address=environ.get("REMOTE_ADDR") or None,
+                endpoint_url=_base_url(environ) + (rctx.endpoint or endpoint))
+            audit.record_transaction(transaction, rctx, body, response_body, outcome)
+        except Exception as exc:  # the audit never breaks the answer
+            log.error("%s: audit record not written: %s", transaction.name,
+                      type(exc).__name__)
+            log.debug("audit failure", exc_info=True)
+
     def dispatch(self, environ: dict[str, Any], transaction: Transaction,
                  body: etree._Element) -> SoapResponse:
         """Call the transaction's handler (spyne's method body for every transaction)."""
         ex = exchange_of(environ)
+        endpoint = environ.get(ENDPOINT_KEY) or next(
+            (p for p, e in self.endpoints.items() if transaction in e.transactions), "")
+        try:  # XUA and request limits, before any transaction work (gateway.security.guard)
+            xua_subject = self._security.check(endpoint, transaction,
+                                               ex.inbound.headers if ex.inbound else (), body)
+        except SoapFault as fault:
+            raise EdgeFault.of(fault) from None
+        except XdsFailure as failure:
+            log.info("%s: request refused: %s", transaction.name,
+                     ", ".join(e.code for e in failure.errors))
+            return SoapResponse(failure_body(transaction, failure.errors))
         if transaction.handler is None:
             raise EdgeFault.of(SoapFault(
                 SoapFaultCode.RECEIVER,
@@ -252,15 +321,16 @@ class SoapEdge:
             spool = ex.own_spool_dir = Path(tempfile.mkdtemp(prefix="xdsi-req-",
                                                              dir=self.spool_root))
         rctx = RequestContext(
-            endpoint=next((p for p, e in self.endpoints.items()
-                           if transaction in e.transactions), ""),
+            endpoint=endpoint,
             action=transaction.request_action,
             message_id=ex.message_id,
             client_subject=environ.get("xdsi.client_subject"),
             attachments=environ.get("xdsi.attachments") or {},
             spool_dir=Path(spool),
             headers=ex.inbound.headers if ex.inbound is not None else (),
+            xua_subject=xua_subject,
         )
+        environ[REQUEST_CONTEXT_KEY] = rctx  # read by audited_dispatch (ATNA record)
         try:
             response = handler(self.services, rctx, body)
         except XdsFailure as failure:
@@ -312,6 +382,9 @@ def app_factory(config: GatewayConfig) -> WsgiApp:
     from gateway.soap.mtom import MtomMiddleware
 
     services = build_services(config)
+    if config.community.imaging_source_unique_id:  # RAD-69 served: start its retrieve pool
+        from gateway.dicom.retrieve import warm_up_in_background
+        warm_up_in_background(config.pacs.associations)
     return MtomMiddleware(make_app(services), spool_root=config.server.spool_directory,
                           max_request_bytes=config.server.max_request_bytes,
                           max_envelope_bytes=config.server.max_envelope_bytes)

@@ -9,6 +9,7 @@ imports spyne, so the edge can change framework without touching the rules.
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass, field
 
@@ -16,7 +17,7 @@ from lxml import etree
 
 from gateway.ebrim.xmlsafe import UnsafeXmlError, parse_xml
 from gateway.errors import SoapFault, SoapFaultCode
-from gateway.ns import SOAP11, SOAP12, WSA, WSA_ANONYMOUS, Action, q
+from gateway.ns import SOAP11, SOAP12, WSA, WSA_ANONYMOUS, WSSE, Action, q
 from gateway.soap.multipart import parse_content_type
 
 SOAP12_MEDIA_TYPE = "application/soap+xml"
@@ -29,12 +30,14 @@ ROLE_ULTIMATE_RECEIVER = "http://www.w3.org/2003/05/soap-envelope/role/ultimateR
 # Roles this node plays (SOAP 1.2 part 1, 2.2): no role attribute means ultimateReceiver.
 OUR_ROLES = frozenset({"", ROLE_NEXT, ROLE_ULTIMATE_RECEIVER})
 
-# Namespaces of header blocks the edge understands (SOAP 1.2 part 1, 2.4). wsse:Security joins
-# when XUA is built.
-UNDERSTOOD_HEADER_NAMESPACES: frozenset[str] = frozenset({WSA})
+# Namespaces of header blocks the edge understands (SOAP 1.2 part 1, 2.4): WS-Addressing, and
+# WS-Security, whose wsse:Security header gateway.security.xua processes (XUA, ITI-40).
+UNDERSTOOD_HEADER_NAMESPACES: frozenset[str] = frozenset({WSA, WSSE})
 
 FAULT_ACTION = Action.SOAP_FAULT
 _XML_LANG = "{http://www.w3.org/XML/1998/namespace}lang"
+# Characters XML 1.0 cannot carry (lxml refuses them): replaced in fault reasons.
+_XML_UNSAFE = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
 @dataclass
@@ -283,7 +286,7 @@ def fault_envelope(report: FaultReport, *, relates_to: str | None) -> etree._Ele
     reason = etree.SubElement(f, q(SOAP12, "Reason"))
     text = etree.SubElement(reason, q(SOAP12, "Text"))
     text.set(_XML_LANG, "en")
-    text.text = fault.reason
+    text.text = _XML_UNSAFE.sub("?", fault.reason)  # reasons may quote hostile input
     if report.detail is not None:
         etree.SubElement(f, q(SOAP12, "Detail")).append(report.detail)
     return env

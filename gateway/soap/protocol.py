@@ -40,6 +40,7 @@ from spyne.protocol.soap import Soap12
 from spyne.server.wsgi import WsgiApplication
 
 from gateway.errors import SoapFault, SoapFaultCode
+from gateway.security.limits import RequestLimits, check_markup
 from gateway.soap.envelope import (
     FAULT_ACTION,
     EnvelopeError,
@@ -67,6 +68,7 @@ SPYNE_LOGGER = logging.getLogger("spyne")
 SPYNE_LOGGER.setLevel(logging.CRITICAL + 1)
 
 EXCHANGE_KEY = "xdsi.exchange"
+MAX_XML_ELEMENTS_KEY = "xdsi.max_xml_elements"  # set by the application ([limits])
 TNS_PREFIX = "urn:xdsi-gateway:soap:"
 READ_BLOCK = 64 * 1024
 
@@ -190,8 +192,14 @@ class GatewaySoap12(Soap12):
                     f"The SOAP envelope is larger than {self.max_envelope_bytes} bytes",
                     http_status=413))
             chunks.append(chunk)
+        data = b"".join(chunks)
+        try:  # hostile input: bound the element count before lxml builds the tree
+            check_markup(data, ctx.transport.req_env.get(MAX_XML_ELEMENTS_KEY,
+                                                         RequestLimits.max_xml_elements))
+        except SoapFault as fault:
+            raise EdgeFault.of(fault) from None
         with _as_fault():
-            root = parse_envelope(b"".join(chunks))
+            root = parse_envelope(data)
         ex.message_id = message_id_of(root)  # known early, so any fault can relate to it
         ctx.in_document = root
 

@@ -209,6 +209,7 @@ def test_inline_base64_document_is_decoded_to_spool(tmp_path: Path) -> None:
     assert doc.path.parent == tmp_path
     assert doc.path.read_bytes() == base64.b64decode(text)
     assert doc.size == len(base64.b64decode(text))
+    assert doc.sha1 == hashlib.sha1(base64.b64decode(text)).hexdigest()
 
 
 def test_inline_base64_with_line_breaks_over_chunks(tmp_path: Path, monkeypatch) -> None:
@@ -220,6 +221,8 @@ def test_inline_base64_with_line_breaks_over_chunks(tmp_path: Path, monkeypatch)
     must(body.find(q(XDSB, "Document"))).text = wrapped
     (doc,) = parse_provide_and_register(body, {}, tmp_path).documents
     assert doc.path.read_bytes() == payload
+    # Hashed chunk by chunk while decoding: the hash of the whole file.
+    assert doc.sha1 == hashlib.sha1(doc.path.read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize("bad", ["abc", "ab!d", "YQ==YWJj", "YW Jj=a"])
@@ -246,10 +249,10 @@ def _with_include(href: str) -> etree._Element:
 def test_xop_include_resolves_attachment(href: str, tmp_path: Path) -> None:
     f = tmp_path / "p1"
     f.write_bytes(b"hello")
-    att = Attachment("part1@example.org", f, 5)
+    att = Attachment("part1@example.org", f, 5, sha1=hashlib.sha1(b"hello").hexdigest())
     (doc,) = parse_provide_and_register(_with_include(href), {att.content_id: att},
                                         tmp_path).documents
-    assert (doc.id, doc.path, doc.size) == ("Document01", f, 5)
+    assert (doc.id, doc.path, doc.size, doc.sha1) == ("Document01", f, 5, att.sha1)
 
 
 def test_missing_attachment_is_missing_document(tmp_path: Path) -> None:

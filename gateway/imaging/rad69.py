@@ -97,15 +97,26 @@ def retrieve_imaging_document_set(services: Services, ctx: RequestContext,
         request = parse_request(body)
     except XdsFailure as failure:
         return _response(ResponseStatus.FAILURE, [], list(failure.errors), [])
-    candidates, errors, syntaxes = check_documents(services, request)
     spool = ctx.spool_dir / "rad69"
+    documents, errors = retrieve_request(services, request, spool)
+    status = status_for(errors, partial_possible=True, any_success=bool(documents))
+    return _response(status, documents, errors, [spool])
+
+
+def retrieve_request(services: Services, request: ImagingRequest, spool: Path, *,
+                     transaction: str = "RAD-69"
+                     ) -> tuple[list[RetrievedDocument], list[XdsError]]:
+    """The Imaging Document Source's work for one request: check the documents, resolve them
+    with C-FIND, retrieve what was found into `spool`. RAD-69 and RAD-75 (for the documents
+    of our community) both answer with it."""
+    candidates, errors, syntaxes = check_documents(services, request)
     documents: list[RetrievedDocument] = []
     if candidates:
         started = time.monotonic()
         try:
             resolution = resolve(services.config.pacs, candidates)
         except PacsError as exc:
-            log.warning("RAD-69: C-FIND failed: %s", exc)
+            log.warning("%s: C-FIND failed: %s", transaction, exc)
             errors.extend(_doc_error(ErrorCode.REPOSITORY_ERROR,
                                      f"the PACS could not be queried: {exc}", d)
                           for d in candidates)
@@ -115,11 +126,10 @@ def retrieve_imaging_document_set(services: Services, ctx: RequestContext,
         if resolution.found:
             documents, retrieve_errors = fetch(services, resolution, syntaxes, spool)
             errors.extend(retrieve_errors)
-        log.info("RAD-69: %d requested, %d found by C-FIND in %.2f s, %d retrieved in %.2f s",
-                 len(request.documents), len(resolution.found), found_at - started,
-                 len(documents), time.monotonic() - found_at)
-    status = status_for(errors, partial_possible=True, any_success=bool(documents))
-    return _response(status, documents, errors, [spool])
+        log.info("%s: %d requested, %d found by C-FIND in %.2f s, %d retrieved in %.2f s",
+                 transaction, len(request.documents), len(resolution.found),
+                 found_at - started, len(documents), time.monotonic() - found_at)
+    return documents, errors
 
 
 def fetch(services: Services, resolution: Resolution, syntaxes: tuple[str, ...],

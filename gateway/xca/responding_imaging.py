@@ -18,19 +18,16 @@ RepositoryUniqueIds answer XDSUnknownRepositoryId until the configuration can na
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lxml import etree
 
-from gateway.dicom.errors import PacsError
 from gateway.ebrim.model import RetrievedDocument
 from gateway.ebrim.render import render_retrieve_document_set_response
 from gateway.errors import XdsError, XdsFailure, status_for
-from gateway.imaging.plan import Resolution, resolve
-from gateway.imaging.rad69 import MIME_DICOM, check_documents, fetch
+from gateway.imaging.rad69 import MIME_DICOM, retrieve_request
 from gateway.imaging.request import ImagingDocumentRequest, ImagingRequest, parse_request
 from gateway.ns import ErrorCode, ResponseStatus
 from gateway.transactions import Attachment, RequestContext, SoapResponse
@@ -64,26 +61,9 @@ def retrieve_local_imaging(services: Services, request: ImagingRequest, spool: P
             errors.append(problem)
     documents: list[RetrievedDocument] = []
     if ours:
-        candidates, check_errors, syntaxes = check_documents(
-            services, replace(request, documents=tuple(ours)))
-        errors.extend(check_errors)
-        if candidates:
-            started = time.monotonic()
-            try:
-                resolution = resolve(services.config.pacs, candidates)
-            except PacsError as exc:
-                log.warning("RAD-75: C-FIND failed: %s", exc)
-                errors.extend(XdsError(ErrorCode.REPOSITORY_ERROR,
-                                       f"document {d.document_unique_id}: the PACS could not "
-                                       f"be queried: {exc}") for d in candidates)
-                resolution = Resolution()
-            errors.extend(resolution.errors)
-            if resolution.found:
-                documents, retrieve_errors = fetch(services, resolution, syntaxes, spool)
-                errors.extend(retrieve_errors)
-            log.info("RAD-75: %d requested, %d for the local source, %d retrieved in %.2f s",
-                     len(request.documents), len(candidates), len(documents),
-                     time.monotonic() - started)
+        documents, local_errors = retrieve_request(
+            services, replace(request, documents=tuple(ours)), spool, transaction="RAD-75")
+        errors.extend(local_errors)
     documents = [replace(d, home_community_id=home) for d in documents]
     errors = located(errors, home)
     status = status_for(errors, partial_possible=True, any_success=bool(documents))

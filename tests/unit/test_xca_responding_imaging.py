@@ -18,6 +18,7 @@ from gateway.ebrim.model import RetrievedDocument
 from gateway.ebrim.parse import parse_retrieve_document_set_response
 from gateway.ebrim.xmlsafe import parse_xml
 from gateway.errors import XdsError
+from gateway.imaging import rad69
 from gateway.imaging.plan import Resolution
 from gateway.imaging.request import ImagingDocumentRequest
 from gateway.ns import XDSI, Action, ErrorCode, ResponseStatus, q
@@ -94,8 +95,8 @@ class FakePacs:
 @pytest.fixture
 def pacs(monkeypatch: pytest.MonkeyPatch) -> FakePacs:
     fake = FakePacs()
-    monkeypatch.setattr(responding_imaging, "resolve", fake.resolve)
-    monkeypatch.setattr(responding_imaging, "fetch", fake.fetch)
+    monkeypatch.setattr(rad69, "resolve", fake.resolve)  # the local source's steps
+    monkeypatch.setattr(rad69, "fetch", fake.fetch)
     return fake
 
 
@@ -152,7 +153,7 @@ def test_pacs_down_is_a_failure_at_our_home(tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     def down(*_a: object) -> Resolution:
         raise PacsError("unreachable", "cannot connect to the PACS")
-    monkeypatch.setattr(responding_imaging, "resolve", down)
+    monkeypatch.setattr(rad69, "resolve", down)
     _resp, parsed = _call(tmp_path, _request(("1.2.3.3.1", SOURCE, HOME)))
     assert parsed.status == ResponseStatus.FAILURE
     assert [e.code for e in parsed.errors] == [ErrorCode.REPOSITORY_ERROR]

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import requests
 from lxml import etree
@@ -477,19 +478,23 @@ def _interrupt(signum: int, _frame: object) -> None:
 def run_demo(workdir: Path | None = None, port: int = 0, keep_serving: bool = False) -> int:
     """Run the demo; with `keep_serving`, serve until SIGINT or SIGTERM (then exit 0).
 
-    SIGTERM is handled like Ctrl-C, so the gateway child is always stopped on the way out.
+    Both signals are handled like Ctrl-C, so the gateway child is always stopped on the way
+    out. SIGINT is installed explicitly too: a process started in the background by a
+    non-interactive shell inherits SIGINT ignored, and Python then never turns it into
+    KeyboardInterrupt.
     """
     own_workdir = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="xdsi-demo-")) if workdir is None else workdir
     workdir.mkdir(parents=True, exist_ok=True)
-    previous = None
+    previous: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _interrupt)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, _interrupt)
     try:
         return _run(workdir, own_workdir, port or free_port(), keep_serving)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _run(workdir: Path, own_workdir: bool, port: int, keep_serving: bool) -> int:

@@ -423,7 +423,7 @@ def validate_submission(sub: SubmitObjectsRequest, *,
                        f"document's {doc.size} bytes", ErrorCode.NON_IDENTICAL_SIZE)
             digest = slot_values(e, "hash")
             if digest and _SHA1.fullmatch(digest[0]):
-                actual = sha1_file(doc.path)
+                actual = doc.sha1 or sha1_file(doc.path)
                 if digest[0].lower() != actual:
                     ck.add(f"{ck.who('DocumentEntry', e)}: slot hash {digest[0]} does not "
                            f"match the document's SHA-1 {actual}", ErrorCode.NON_IDENTICAL_HASH)

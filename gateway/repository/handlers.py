@@ -39,7 +39,7 @@ from gateway.ebrim.model import (
 )
 from gateway.ebrim.parse import parse_provide_and_register, parse_retrieve_document_set_request
 from gateway.ebrim.render import render_registry_response, render_retrieve_document_set_response
-from gateway.ebrim.validation import validate_submission, with_repository_attributes
+from gateway.ebrim.validation import sha1_file, validate_submission, with_repository_attributes
 from gateway.errors import XdsError, XdsFailure, status_for
 from gateway.ns import ErrorCode, MimeType, ObjectType, ResponseStatus
 from gateway.registry import handlers as registry_handlers
@@ -210,6 +210,12 @@ def _provide_and_register(services: Services, ctx: RequestContext, body: etree._
     submission = request.submission
     entries = [o for o in submission.objects
                if isinstance(o, ExtrinsicObject) and _is_document_entry(o)]
+    # A document whose entry carries a hash slot is hashed once, here: validation compares
+    # that digest and the store takes it instead of reading the file again.
+    for entry in entries:
+        doc = documents.get(entry.id)
+        if doc is not None and doc.sha1 is None and metadata.slot_value(entry, "hash"):
+            documents[entry.id] = replace(doc, sha1=sha1_file(doc.path))
     errors = _locate(validate_submission(submission, documents=documents, repository=True),
                      entries)
     if any(e.is_error for e in errors):

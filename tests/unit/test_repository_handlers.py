@@ -622,6 +622,38 @@ def test_spooled_document_is_hashed_once_and_linked(env: Env, conformance: Path,
     assert stored.read_bytes() == data
 
 
+def test_spooled_document_with_a_hash_slot_is_read_once(env: Env, conformance: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The submitted hash is checked against one SHA-1 pass; the store reuses it."""
+    import gateway.ebrim.validation as validation_module
+    import gateway.repository.handlers as handlers_module
+    import gateway.repository.store as store_module
+
+    passes: list[str] = []
+    real_stream, real_file = store_module._hash_stream, validation_module.sha1_file
+
+    def counting_stream(fh: io.BufferedReader) -> tuple[str, int]:
+        passes.append("store")
+        return real_stream(fh)
+
+    def counting_file(path: Path, chunk: int = 1 << 20) -> str:
+        passes.append("file")
+        return real_file(path, chunk)
+
+    monkeypatch.setattr(store_module, "_hash_stream", counting_stream)
+    monkeypatch.setattr(validation_module, "sha1_file", counting_file)
+    monkeypatch.setattr(handlers_module, "sha1_file", counting_file)
+    pnr = load_message(conformance / SINGLE_DOC)
+    (eo,) = entries(pnr)
+    data = os.urandom(1024 * 1024 + 3)
+    add_slot(eo, "hash", hashlib.sha1(data).hexdigest())
+    resp = submit(env, pnr, spool_through_mtom(env, pnr, {eid(eo): data}))
+    assert status_of(resp) == ResponseStatus.SUCCESS, errors_of(resp)
+    assert passes == ["file"]
+    stored = env.services.documents.path_for(hashlib.sha1(data).hexdigest())
+    assert stored.read_bytes() == data
+
+
 def test_wrong_hash_of_a_spooled_document_leaves_no_file(env: Env, conformance: Path) -> None:
     pnr = load_message(conformance / SINGLE_DOC)
     (eo,) = entries(pnr)

@@ -6,12 +6,10 @@ Prints MB/s and the process's peak RSS; asserts nothing. Usage:
 
 from __future__ import annotations
 
-import io
 import resource
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -19,28 +17,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gateway.soap.mtom import mtom_response
 from gateway.soap.multipart import parse_multipart
 from gateway.transactions import Attachment
+from tests.support.streams import GeneratedStream
 
 ENVELOPE = (b'<?xml version="1.0" encoding="UTF-8"?><env:Envelope '
             b'xmlns:env="http://www.w3.org/2003/05/soap-envelope"><env:Body><r/></env:Body>'
             b"</env:Envelope>")
 MB = 1024 * 1024
-
-
-class Generated(io.RawIOBase):
-    """Bytes from a generator: a client that sends a 200 MB body without it being in memory."""
-
-    def __init__(self, chunks: Iterator[bytes]):
-        self.chunks = chunks
-        self.pending = b""
-
-    def read(self, n: int = -1) -> bytes:
-        while len(self.pending) < n:
-            nxt = next(self.chunks, None)
-            if nxt is None:
-                break
-            self.pending = self.pending + nxt if self.pending else nxt
-        out, self.pending = self.pending[:n], self.pending[n:]
-        return out
 
 
 def peak_rss_mb() -> float:
@@ -77,9 +59,9 @@ def main() -> None:
         spool = folder / "spool1"
         spool.mkdir()
         t = time.perf_counter()
-        root, got = parse_multipart(Generated(iter(body)), ctype, spool, max_envelope_bytes=MB,
-                                    max_total_bytes=2 * length, content_length=length,
-                                    chunk_size=chunk)
+        root, got = parse_multipart(GeneratedStream(iter(body)), ctype, spool,
+                                    max_envelope_bytes=MB, max_total_bytes=2 * length,
+                                    content_length=length, chunk_size=chunk)
         dt = time.perf_counter() - t
         assert root == ENVELOPE and got["big@bench"].size == size
         print(f"parse (generated) {length / MB / dt:6.0f} MB/s  ({dt:.2f} s), "

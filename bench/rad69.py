@@ -21,7 +21,6 @@ ratio 0.22-0.33, peak RSS 83-85 MB (the largest process). 2000 instances, 1050 M
 from __future__ import annotations
 
 import argparse
-import io
 import shutil
 import sys
 import tempfile
@@ -31,10 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pydicom import Dataset  # noqa: E402
-from pydicom.dataset import FileMetaDataset  # noqa: E402
-from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
+from bench._common import descendants, load_synthetic_study, vm_hwm_mb  # noqa: E402
 from gateway.demo import free_port, start_gateway, write_config  # noqa: E402
 from gateway.ebrim.parse import parse_retrieve_document_set_response  # noqa: E402
 from gateway.ns import Action  # noqa: E402
@@ -42,55 +39,6 @@ from gateway.security.pki import create_dev_pki  # noqa: E402
 from gateway.soap.client import SoapClient  # noqa: E402
 from tests.support.orthanc import start_orthanc  # noqa: E402
 from tests.support.rad69 import EXPLICIT_LE, configure_pacs, getscu, rad69_request  # noqa: E402
-
-CT = "1.2.840.10008.5.1.4.1.1.2"
-
-
-def synthetic_study(n: int) -> tuple[str, str, list[tuple[str, bytes]]]:
-    study, series = str(generate_uid()), str(generate_uid())
-    pixels = bytes((i * 7 + (i >> 9)) & 0xFF for i in range(512 * 512 * 2))
-    files = []
-    for k in range(n):
-        sop = str(generate_uid())
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = UID(CT)
-        meta.MediaStorageSOPInstanceUID = UID(sop)
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = CT, sop
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.PatientID, ds.PatientName = "BENCH-1", "Bench^Synthetic"
-        ds.Modality, ds.InstanceNumber = "CT", k + 1
-        ds.Rows = ds.Columns = 512
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
-        ds.PixelRepresentation, ds.SamplesPerPixel = 0, 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.PixelData = pixels
-        buf = io.BytesIO()
-        ds.save_as(buf, enforce_file_format=True)
-        files.append((sop, buf.getvalue()))
-    return study, series, files
-
-
-def descendants(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                todo.extend(int(c) for c in (task / "children").read_text().split())
-            except OSError:
-                pass
-    return out
-
-
-def vm_hwm_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def main() -> None:
@@ -111,15 +59,8 @@ def main() -> None:
                             known_modalities={"XDSI-GW": ("127.0.0.1", move_port)})
     gateway = None
     try:
-        t = time.monotonic()
-        study, series, files = synthetic_study(args.instances)
-        total = sum(len(b) for _s, b in files)
-        for _sop, data in files:
-            orthanc.rest("POST", "/instances", data, content_type="application/dicom")
-        docs = [(study, series, sop) for sop, _b in files]
-        del files
-        print(f"study: {args.instances} instances, {total / 1e6:.0f} MB, loaded in "
-              f"{time.monotonic() - t:.1f} s")
+        docs = load_synthetic_study(orthanc, args.instances)
+        study = docs[0][0]
 
         pki = create_dev_pki(work / "pki")
         port = free_port()

@@ -3,7 +3,7 @@
     .venv/bin/python bench/rad75.py [--instances 200] [--associations 3] [--workers 2]
                                     [--repeat 3]
 
-Builds the synthetic CT study of bench/rad69.py (its helpers, about 0.5 MB per instance) and
+Builds the synthetic CT study of bench/_common.py (about 0.5 MB per instance) and
 loads it into a private Orthanc: the PACS of community B. Starts gateway B (its Imaging
 Document Source over that Orthanc, /xcai/responding) and gateway A (community A, whose
 [[communities]] lists B with imaging_retrieve_url = B's /xcai/responding; A presents a node
@@ -40,28 +40,22 @@ sys.path.insert(0, str(ROOT))
 
 from lxml import etree  # noqa: E402
 
-from bench.rad69 import descendants, synthetic_study, vm_hwm_mb  # noqa: E402
-from gateway.demo import HOME, RunningGateway, free_port, start_gateway, write_config  # noqa: E402
+from bench._common import descendants, load_synthetic_study, vm_hwm_mb  # noqa: E402
+from gateway.demo import RunningGateway, free_port, start_gateway  # noqa: E402
 from gateway.ebrim.parse import parse_retrieve_document_set_response  # noqa: E402
 from gateway.ns import Action  # noqa: E402
-from gateway.security.pki import DevPki, create_dev_pki  # noqa: E402
+from gateway.security.pki import create_dev_pki  # noqa: E402
 from gateway.soap.client import SoapClient  # noqa: E402
-from tests.integration.test_xca_initiating import node_certificate  # noqa: E402
+from tests.support.communities import (  # noqa: E402
+    community_config,
+    node_certificate,
+    present_node_certificate,
+)
 from tests.support.orthanc import start_orthanc  # noqa: E402
 from tests.support.rad69 import EXPLICIT_LE, configure_pacs, rad69_request  # noqa: E402
 
 HA = "urn:oid:1.3.6.1.4.1.21367.2017.2.6.201"
 HB = "urn:oid:1.3.6.1.4.1.21367.2017.2.6.202"
-
-
-def gateway_config(workdir: Path, pki: DevPki, port: int, home: str, workers: int,
-                   extra: str = "") -> Path:
-    workdir.mkdir(parents=True, exist_ok=True)
-    path = write_config(workdir, pki, port, workers=workers)
-    text = path.read_text().replace(f'"{HOME}"', f'"{home}"')
-    assert f'"{home}"' in text
-    path.write_text(text + extra)
-    return path
 
 
 def retrieve(client: SoapClient, path: str, action: str, body: etree._Element, spool: Path
@@ -96,20 +90,12 @@ def main() -> None:
     running: list[RunningGateway] = []
     clients: list[SoapClient] = []
     try:
-        t = time.monotonic()
-        study, series, files = synthetic_study(args.instances)
-        total = sum(len(b) for _s, b in files)
-        for _sop, data in files:
-            orthanc.rest("POST", "/instances", data, content_type="application/dicom")
-        docs = [(study, series, sop) for sop, _b in files]
-        del files
-        print(f"study: {args.instances} instances, {total / 1e6:.0f} MB, loaded in "
-              f"{time.monotonic() - t:.1f} s")
+        docs = load_synthetic_study(orthanc, args.instances)
 
         pki = create_dev_pki(work / "pki")
         node_cert, node_key = node_certificate(pki, work / "pki")
         pb, pa = free_port(), free_port()
-        cfg_b = gateway_config(work / "b", pki, pb, HB, args.workers)
+        cfg_b = community_config(work / "b", pki, pb, HB, workers=args.workers)
         configure_pacs(cfg_b, port=orthanc.dicom_port, associations=args.associations,
                        timeout_seconds=60)
         gw_b = start_gateway(cfg_b, pki, pb, log_level=args.log_level)
@@ -117,12 +103,8 @@ def main() -> None:
         extra = (f"\n[xca]\nretrieve_timeout_seconds = 600\n"
                  f"\n[[communities]]\nhome_community_id = \"{HB}\"\n"
                  f"imaging_retrieve_url = \"https://localhost:{pb}/xcai/responding\"\n")
-        cfg_a = gateway_config(work / "a", pki, pa, HA, args.workers, extra)
-        cfg_a.write_text(cfg_a.read_text()
-                         .replace(f'certificate = "{pki.server_cert}"',
-                                  f'certificate = "{node_cert}"')
-                         .replace(f'private_key = "{pki.server_key}"',
-                                  f'private_key = "{node_key}"'))
+        cfg_a = community_config(work / "a", pki, pa, HA, extra, workers=args.workers)
+        present_node_certificate(cfg_a, pki, node_cert, node_key)
         gw_a = start_gateway(cfg_a, pki, pa, log_level=args.log_level)
         running.append(gw_a)
 

@@ -42,7 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.rad69 import descendants  # noqa: E402
+from bench._common import descendants  # noqa: E402
 from gateway.demo import RunningGateway, free_port, start_gateway  # noqa: E402
 from gateway.ebrim.model import AdhocQuery, Slot  # noqa: E402
 from gateway.ebrim.parse import parse_adhoc_query_response  # noqa: E402
@@ -54,9 +54,13 @@ from tests.integration.test_xca_initiating import (  # noqa: E402
     PATIENT,
     PATIENT_SLOW,
     SlowServer,
+    submit,
+)
+from tests.support.communities import (  # noqa: E402
     community_config,
     node_certificate,
-    submit,
+    present_node_certificate,
+    shut_down,
 )
 
 
@@ -154,12 +158,8 @@ def main() -> int:
         pa = free_port()
         cfg_a = community_config(root / "a", pki, pa, "urn:oid:1.3.6.1.4.1.21367.2017.2.7.100",
                                  extra)
-        cfg_a.write_text(cfg_a.read_text()
-                         .replace(f'certificate = "{pki.server_cert}"',
-                                  f'certificate = "{node_cert}"')
-                         .replace(f'private_key = "{pki.server_key}"',
-                                  f'private_key = "{node_key}"')
-                         .replace("threads = 4", "threads = 8"))
+        present_node_certificate(cfg_a, pki, node_cert, node_key)
+        cfg_a.write_text(cfg_a.read_text().replace("threads = 4", "threads = 8"))
         running.append(start_gateway(cfg_a, pki, pa))
         a = client(pa)
         direct = client(ports[0])
@@ -184,11 +184,7 @@ def main() -> int:
               f"({objs} objects, {st}, {errs} errors)  cost of the silent one: "
               f"{(s - f) * 1000:.0f} ms (timeout {args.timeout * 1000} ms)")
     finally:
-        for c in clients:
-            c.close()
-        slow.stop()
-        for r in running:
-            r.stop()
+        shut_down(clients, slow, *running)
     return 0
 
 

@@ -11,7 +11,6 @@ cannot answer as NIST expects are in XFAIL with the reason (never skipped silent
 
 from __future__ import annotations
 
-import csv
 import itertools
 import re
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from gateway.registry.store import Kind, RegistryStore
 from gateway.services import Services
 from gateway.transactions import RequestContext
 from tests.conftest import CONFORMANCE
+from tests.support.provenance import noted_files
 from tests.support.xsd import assert_valid
 
 PREFIX = "messages/iti-18/nist/"
@@ -90,22 +90,14 @@ class Case:
 
 
 def _cases() -> list[Case]:
-    out: list[Case] = []
-    with (CONFORMANCE / "PROVENANCE.tsv").open(encoding="utf-8", newline="") as fh:
-        for row in csv.DictReader(fh, delimiter="\t"):
-            if not row["local_path"].startswith(PREFIX):
-                continue
-            note = dict(part.strip().split("=", 1) for part in row["note"].split(";")
-                        if "=" in part and not part.strip().startswith("lxml-xsd"))
-            out.append(Case(
-                path=row["local_path"], name=row["local_path"].rsplit("/", 1)[-1],
-                query=note["query"], return_type=note.get("returnType", "LeafClass"),
-                expected=note.get("expected", "?"),
-                errors=tuple(e for e in note.get("expected_errors", "").split() if e),
-                placeholders=tuple(re.findall(r"\$\w+\$",
-                                              note.get("NIST template placeholders", ""))),
-                slots=tuple(note.get("slots", "").split())))
-    return out
+    return [Case(path=path, name=path.rsplit("/", 1)[-1],
+                 query=note["query"], return_type=note.get("returnType", "LeafClass"),
+                 expected=note.get("expected", "?"),
+                 errors=tuple(e for e in note.get("expected_errors", "").split() if e),
+                 placeholders=tuple(re.findall(r"\$\w+\$",
+                                               note.get("NIST template placeholders", ""))),
+                 slots=tuple(note.get("slots", "").split()))
+            for path, note in noted_files(PREFIX)]
 
 
 CASES = _cases()

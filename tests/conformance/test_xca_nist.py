@@ -15,7 +15,6 @@ explicit xfails with the reason.
 from __future__ import annotations
 
 import base64
-import csv
 import re
 import uuid
 from collections.abc import Iterator
@@ -26,21 +25,20 @@ from xml.sax.saxutils import escape as xml_escape
 import pytest
 from lxml import etree
 
-from gateway.config import from_dict
 from gateway.demo import free_port, start_gateway, write_config
 from gateway.ebrim.parse import parse_adhoc_query_response, parse_retrieve_document_set_response
 from gateway.ebrim.xmlsafe import parse_xml
 from gateway.ns import LCM, RIM, RS, WSA, XDSB, Action, AvailabilityStatus, ResponseStatus, q
-from gateway.registry.store import RegistryStore
 from gateway.repository.handlers import provide_and_register
-from gateway.repository.store import DocumentStore
 from gateway.security.pki import create_dev_pki
 from gateway.services import Services
 from gateway.transactions import RequestContext
 from gateway.xca.responding import cross_gateway_query, cross_gateway_retrieve
 from tests.conftest import CONFORMANCE
 from tests.integration.conftest import LiveGateway, OrthancFixture, orthanc  # noqa: F401
+from tests.support.provenance import noted_files
 from tests.support.rad69 import configure_pacs
+from tests.support.services import community_services
 from tests.support.xsd import assert_valid
 
 HOME = "urn:oid:1.3.6.1.4.1.21367.13.70.200"
@@ -90,18 +88,13 @@ class Case:
 
 def _cases(prefix: str) -> list[object]:
     out: list[object] = []
-    with (CONFORMANCE / "PROVENANCE.tsv").open(encoding="utf-8", newline="") as fh:
-        for row in csv.DictReader(fh, delimiter="\t"):
-            if not row["local_path"].startswith(prefix):
-                continue
-            note = dict(part.strip().split("=", 1) for part in row["note"].split(";")
-                        if "=" in part and not part.strip().startswith("lxml-xsd"))
-            name = row["local_path"].rsplit("/", 1)[-1]
-            case = Case(row["local_path"], name, note.get("expected", "?"),
-                        tuple(note.get("expected_errors", "").split()))
-            marks = [pytest.mark.xfail(reason=XFAIL[name], strict=True)] if name in XFAIL \
-                else []
-            out.append(pytest.param(case, id=name, marks=marks))
+    for path, note in noted_files(prefix):
+        name = path.rsplit("/", 1)[-1]
+        case = Case(path, name, note.get("expected", "?"),
+                    tuple(note.get("expected_errors", "").split()))
+        marks = [pytest.mark.xfail(reason=XFAIL[name], strict=True)] if name in XFAIL \
+            else []
+        out.append(pytest.param(case, id=name, marks=marks))
     return out
 
 
@@ -140,18 +133,7 @@ class Filled:
 @pytest.fixture(scope="module")
 def filled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Filled]:
     tmp = tmp_path_factory.mktemp("xca-nist")
-    cfg = from_dict({
-        "tls": {"enabled": False, "require_client_certificate": False},
-        "community": {"home_community_id": HOME, "repository_unique_id": REPO,
-                      "imaging_source_unique_id": "1.3.6.1.4.1.21367.13.72.200",
-                      "patient_id_assigning_authority": "1.3.6.1.4.1.21367.2005.13.20.1000"},
-        "registry": {"database": f"sqlite:///{tmp / 'registry.db'}"},
-        "repository": {"directory": str(tmp / "repository")},
-    }, base=tmp)
-    spool = tmp / "spool"
-    spool.mkdir()
-    services = Services(config=cfg, registry=RegistryStore(cfg.registry.database),
-                        documents=DocumentStore(cfg.repository.directory))
+    services, spool = community_services(tmp, HOME, REPO)
     kos = (CONFORMANCE / KOS_FILE).read_bytes()
     unique_ids: list[str] = []
     patient_id = ""

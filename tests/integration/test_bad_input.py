@@ -16,6 +16,7 @@ from lxml import etree
 from gateway.ns import RS, SOAP12, WSA, Action, ResponseStatus
 from tests.conftest import CONFORMANCE
 from tests.integration.conftest import MAX_ENVELOPE_BYTES, MAX_REQUEST_BYTES
+from tests.support.zeep_client import mtls_session
 
 pytestmark = pytest.mark.integration
 
@@ -26,10 +27,8 @@ KOS = CONFORMANCE / "dicom/kos/nist/testdata_IDCDEPT001_kos.dcm"
 
 @pytest.fixture(scope="module")
 def http(live_gateway) -> Iterator[requests.Session]:  # type: ignore[no-untyped-def]
-    s = requests.Session()
-    s.trust_env = False
-    s.verify = str(live_gateway.pki.ca_cert)
-    s.cert = (str(live_gateway.pki.client_cert), str(live_gateway.pki.client_key))
+    pki = live_gateway.pki
+    s = mtls_session(pki.ca_cert, pki.client_cert, pki.client_key)
     yield s
     s.close()
 

@@ -22,6 +22,7 @@ from lxml import etree
 
 from gateway.ns import SOAP12
 from tests.support import fuzz
+from tests.support.zeep_client import mtls_session
 
 pytestmark = pytest.mark.integration
 
@@ -64,10 +65,8 @@ def _rss_kib(pids: list[int]) -> int:
 
 @pytest.fixture(scope="module")
 def session(live_gateway) -> Iterator[requests.Session]:  # type: ignore[no-untyped-def]
-    s = requests.Session()
-    s.trust_env = False
-    s.verify = str(live_gateway.pki.ca_cert)
-    s.cert = (str(live_gateway.pki.client_cert), str(live_gateway.pki.client_key))
+    pki = live_gateway.pki
+    s = mtls_session(pki.ca_cert, pki.client_cert, pki.client_key)
     adapter = requests.adapters.HTTPAdapter(pool_connections=8, pool_maxsize=8)
     s.mount("https://", adapter)
     yield s

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import io
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -16,9 +15,6 @@ from pathlib import Path
 import pydicom
 import pytest
 from lxml import etree
-from pydicom import Dataset
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from gateway.demo import free_port, start_gateway, write_config
 from gateway.ebrim.parse import parse_retrieve_document_set_response
@@ -35,6 +31,7 @@ from tests.support.rad69 import (
     dataset_bytes,
     getscu,
     rad69_request,
+    synthetic_ct_study,
 )
 from tests.support.zeep_client import mtls_session, official_client
 
@@ -333,34 +330,11 @@ class CuttingRelay:
                 sock.close()
 
 
-CT = "1.2.840.10008.5.1.4.1.1.2"
-
-
 def _small_study(n: int) -> tuple[str, str, list[tuple[str, bytes]]]:
     """n CT instances of 128x128 16-bit (about 33 kB each), as Part 10 files."""
-    study, series = str(generate_uid()), str(generate_uid())
     pixels = bytes((i * 13) & 0xFF for i in range(128 * 128 * 2))
-    files = []
-    for k in range(n):
-        sop = str(generate_uid())
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = UID(CT)
-        ds.file_meta.MediaStorageSOPInstanceUID = UID(sop)
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID, ds.SOPInstanceUID = CT, sop
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.PatientID, ds.PatientName = "MIDSTUDY-1", "Test^Midstudy"
-        ds.Modality, ds.InstanceNumber = "CT", k + 1
-        ds.Rows = ds.Columns = 128
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
-        ds.PixelRepresentation, ds.SamplesPerPixel = 0, 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.PixelData = pixels
-        buf = io.BytesIO()
-        ds.save_as(buf, enforce_file_format=True)
-        files.append((sop, buf.getvalue()))
-    return study, series, files
+    return synthetic_ct_study(n, size=128, pixels=pixels, patient_id="MIDSTUDY-1",
+                              patient_name="Test^Midstudy")
 
 
 @pytest.fixture(scope="module")

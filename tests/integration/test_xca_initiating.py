@@ -26,12 +26,10 @@ from lxml import etree
 
 from gateway.demo import (
     AUTHORITY,
-    HOME,
     ORG_ROOT,
     free_port,
     sample_documents,
     start_gateway,
-    write_config,
 )
 from gateway.ebrim import build
 from gateway.ebrim.metadata import slot_value, unique_id
@@ -53,15 +51,16 @@ from gateway.ns import XDSB, XDSI, XOP, Action, ErrorCode, ResponseStatus, Store
 from gateway.security.pki import (
     DevPki,
     create_dev_pki,
-    issue_certificate,
-    load_certificate,
-    load_private_key,
-    write_certificate,
-    write_private_key,
 )
 from gateway.soap.client import SoapClient
 from gateway.transactions import Attachment
 from gateway.xca.outbound import OutboundPool, OutboundSettings
+from tests.support.communities import (
+    community_config,
+    node_certificate,
+    present_node_certificate,
+    shut_down,
+)
 
 HA = "urn:oid:1.3.6.1.4.1.21367.2017.2.6.101"
 HB = "urn:oid:1.3.6.1.4.1.21367.2017.2.6.102"
@@ -112,26 +111,6 @@ class SlowServer:
         self.release.set()
         self.server.shutdown()
         self.server.server_close()
-
-
-def node_certificate(pki: DevPki, directory: Path) -> tuple[Path, Path]:
-    """A certificate for both ends of mutual TLS (serverAuth + clientAuth): an initiating
-    gateway presents its node certificate to the communities it calls."""
-    cert, key = issue_certificate(load_certificate(pki.ca_cert), load_private_key(pki.ca_key),
-                                  "localhost", server=True, client=True,
-                                  hostnames=("localhost",), ip_addresses=("127.0.0.1",))
-    return (write_certificate(directory / "node.pem", cert),
-            write_private_key(directory / "node-key.pem", key))
-
-
-def community_config(workdir: Path, pki: DevPki, port: int, home: str,
-                     extra: str = "") -> Path:
-    workdir.mkdir(parents=True, exist_ok=True)
-    path = write_config(workdir, pki, port, workers=1)
-    text = path.read_text().replace(f'"{HOME}"', f'"{home}"')
-    assert f'"{home}"' in text
-    path.write_text(text + extra)
-    return path
 
 
 def submit(client: SoapClient, workdir: Path, patient: str, tag: str
@@ -207,11 +186,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
                  + community(HD, pd, {PATIENT_DOWN: PATIENT_DOWN})
                  + community(HS, slow.port, {PATIENT_SLOW: PATIENT_SLOW}))
         cfg_a = community_config(root / "a", pki, pa, HA, extra)
-        cfg_a.write_text(cfg_a.read_text()
-                         .replace(f'certificate = "{pki.server_cert}"',
-                                  f'certificate = "{node_cert}"')
-                         .replace(f'private_key = "{pki.server_key}"',
-                                  f'private_key = "{node_key}"'))
+        present_node_certificate(cfg_a, pki, node_cert, node_key)
         running.append(start_gateway(cfg_a, pki, pa))
 
         def client(port: int) -> SoapClient:
@@ -225,11 +200,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
         yield Federation(pki, client(pa), b_docs, c_docs, slow, root,
                          f"https://localhost:{pb}/xca/responding")
     finally:
-        for c in clients:
-            c.close()
-        slow.stop()
-        for r in running:
-            r.stop()
+        shut_down(clients, slow, *running)
 
 
 def find(fed: Federation, patient: str

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from lxml import etree
 
-from gateway.demo import HOME, free_port, start_gateway, write_config
+from gateway.demo import free_port, start_gateway
 from gateway.ebrim.model import AdhocQuery, Slot
 from gateway.ebrim.parse import parse_adhoc_query_response
 from gateway.ebrim.render import render_adhoc_query_request
@@ -20,6 +19,7 @@ from gateway.ns import Action, ErrorCode, ResponseStatus, StoredQuery
 from gateway.security.pki import DevPki, create_dev_pki
 from gateway.soap.client import SoapClient
 from tests.support import saml
+from tests.support.communities import community_config
 
 HA = "urn:oid:1.3.6.1.4.1.21367.2017.2.6.201"
 HB = "urn:oid:1.3.6.1.4.1.21367.2017.2.6.202"
@@ -31,15 +31,6 @@ class Pair:
     pki: DevPki
     idp: saml.TestIdp
     a: SoapClient
-
-
-def _config(workdir: Path, pki: DevPki, port: int, home: str, extra: str) -> Path:
-    workdir.mkdir(parents=True, exist_ok=True)
-    path = write_config(workdir, pki, port, workers=1)
-    text = path.read_text().replace(f'"{HOME}"', f'"{home}"')
-    assert f'"{home}"' in text
-    path.write_text(text + extra)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +46,12 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     running = []
     client = None
     try:
-        cfg_b = _config(root / "b", pki, pb, HB,
+        cfg_b = community_config(root / "b", pki, pb, HB,
                         f'\n[xua]\nrequired_endpoints = ["/xca/responding"]\n'
                         f'trusted_certificates = ["{idp_pem}"]\naudience = "{saml.AUDIENCE}"\n')
         running.append(start_gateway(cfg_b, pki, pb))
         url = f"https://localhost:{pb}/xca/responding"
-        cfg_a = _config(root / "a", pki, pa, HA,
+        cfg_a = community_config(root / "a", pki, pa, HA,
                         f'\n[xua]\noutbound_assertion = "{node_assertion}"\n'
                         f"\n[xca]\nquery_timeout_seconds = 10\n"
                         f'\n[[communities]]\nhome_community_id = "{HB}"\n'

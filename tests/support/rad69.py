@@ -1,8 +1,9 @@
 """Helpers for RAD-69 tests and benchmarks: gateways configured for a PACS, RAD-69 request
-bodies, the dataset part of a Part 10 file, and dcmtk getscu."""
+bodies, synthetic CT studies, the dataset part of a Part 10 file, and dcmtk getscu."""
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -12,12 +13,16 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from lxml import etree
+from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from gateway.ns import XDSB, XDSI
 
 NIST_HOME = "urn:oid:1.3.6.1.4.1.21367.13.70.101"
 NIST_SOURCE = "1.3.6.1.4.1.21367.13.71.101"  # the NIST iig tests' Imaging Document Source
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
+CT = "1.2.840.10008.5.1.4.1.1.2"
 
 
 def configure_pacs(config: Path, *, port: int, called_ae_title: str = "ORTHANC",
@@ -92,3 +97,32 @@ def getscu(port: int, aet: str, study_uid: str, out_dir: Path, *,
                     "127.0.0.1", str(port)], check=True, env=env, timeout=timeout,
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     return sorted(p for p in out_dir.iterdir() if p.is_file())
+
+
+def synthetic_ct_study(n: int, *, size: int, pixels: bytes, patient_id: str,
+                       patient_name: str) -> tuple[str, str, list[tuple[str, bytes]]]:
+    """(study UID, series UID, [(SOP instance UID, Part 10 bytes)]) of n CT instances of
+    size x size 16-bit (12 stored) MONOCHROME2 pixels, all carrying `pixels`."""
+    study, series = str(generate_uid()), str(generate_uid())
+    files = []
+    for k in range(n):
+        sop = str(generate_uid())
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = UID(CT)
+        meta.MediaStorageSOPInstanceUID = UID(sop)
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CT, sop
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.PatientID, ds.PatientName = patient_id, patient_name
+        ds.Modality, ds.InstanceNumber = "CT", k + 1
+        ds.Rows = ds.Columns = size
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+        ds.PixelRepresentation, ds.SamplesPerPixel = 0, 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.PixelData = pixels
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        files.append((sop, buf.getvalue()))
+    return study, series, files

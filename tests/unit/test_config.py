@@ -24,9 +24,9 @@ from gateway.config import (
     load,
 )
 from gateway.security.pki import create_dev_pki
+from tests.support.config import EXAMPLE, dev_pki_dir, example_raw
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = ROOT / "config" / "gateway.example.toml"
 HOME = "urn:oid:1.3.6.1.4.1.21367.2017.2.6.19"
 REMOTE = "urn:oid:1.3.6.1.4.1.21367.2017.2.6.2"
 
@@ -61,19 +61,13 @@ def dump_toml(raw: dict[str, Any]) -> str:
 
 @pytest.fixture(scope="module")
 def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("cfg") / "pki"
-    create_dev_pki(folder)
-    return folder
+    return dev_pki_dir(tmp_path_factory, "cfg")
 
 
 @pytest.fixture
 def raw(pki_dir: Path) -> dict[str, Any]:
     """The example file as a dict, its TLS paths pointing at a real development PKI."""
-    data = tomllib.loads(EXAMPLE.read_text())
-    data["tls"].update(certificate=str(pki_dir / "server.pem"),
-                       private_key=str(pki_dir / "server-key.pem"),
-                       ca_bundle=str(pki_dir / "ca.pem"))
-    return data
+    return example_raw(pki_dir)
 
 
 def build(raw: dict[str, Any], tmp_path: Path) -> GatewayConfig:

@@ -35,6 +35,7 @@ from gateway.soap.multipart import (
     resolve_cid,
 )
 from gateway.transactions import Attachment
+from tests.support.streams import GeneratedStream
 
 ENVELOPE = (
     b'<?xml version="1.0" encoding="UTF-8"?>'
@@ -61,23 +62,6 @@ class Trickle(io.RawIOBase):
         take = step if n < 0 else min(n, step)
         out = bytes(self.data[self.pos:self.pos + take])
         self.pos += len(out)
-        return out
-
-
-class GeneratedStream:
-    """A file-like object whose bytes come from a generator, never all in memory."""
-
-    def __init__(self, chunks: Iterator[bytes]):
-        self.chunks = chunks
-        self.pending = b""
-
-    def read(self, n: int = -1) -> bytes:
-        while len(self.pending) < n:
-            nxt = next(self.chunks, None)
-            if nxt is None:
-                break
-            self.pending = self.pending + nxt if self.pending else nxt
-        out, self.pending = self.pending[:n], self.pending[n:]
         return out
 
 

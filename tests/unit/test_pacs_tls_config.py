@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import ssl
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -14,24 +13,17 @@ import pytest
 from gateway.config import ConfigError, from_dict
 from gateway.dicom.association import scp_tls_context, tls_context
 from gateway.security.pki import create_dev_pki
-
-EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "gateway.example.toml"
+from tests.support.config import dev_pki_dir, example_raw
 
 
 @pytest.fixture(scope="module")
 def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("pacs-tls") / "pki"
-    create_dev_pki(folder)
-    return folder
+    return dev_pki_dir(tmp_path_factory, "pacs-tls")
 
 
 @pytest.fixture
 def raw(pki_dir: Path) -> dict[str, Any]:
-    data = tomllib.loads(EXAMPLE.read_text())
-    data["tls"].update(certificate=str(pki_dir / "server.pem"),
-                       private_key=str(pki_dir / "server-key.pem"),
-                       ca_bundle=str(pki_dir / "ca.pem"))
-    return data
+    return example_raw(pki_dir)
 
 
 def test_off_by_default_and_no_contexts(raw: dict[str, Any], tmp_path: Path) -> None:

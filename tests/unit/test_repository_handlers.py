@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from gateway.config import from_dict
 from gateway.ebrim.metadata import slot_value
 from gateway.ebrim.xmlsafe import parse_xml
 from gateway.ns import (
@@ -31,13 +30,12 @@ from gateway.ns import (
     ResponseStatus,
     q,
 )
-from gateway.registry.store import RegistryStore
 from gateway.repository.handlers import provide_and_register, retrieve_document_set
 from gateway.repository.references import hash_is_referenced
-from gateway.repository.store import DocumentStore
 from gateway.services import Services
 from gateway.soap.mtom import mtom_response, parse_multipart
 from gateway.transactions import Attachment, RequestContext, SoapResponse
+from tests.support.services import community_services
 
 HOME = "urn:oid:1.3.6.1.4.1.21367.13.70.200"
 REPO = "1.3.6.1.4.1.21367.13.71.200"
@@ -78,21 +76,7 @@ class Env:
 
 
 def make_env(tmp_path: Path, authority: str = NIST_AUTHORITY) -> Env:
-    cfg = from_dict({
-        "tls": {"enabled": False, "require_client_certificate": False},
-        "community": {
-            "home_community_id": HOME,
-            "repository_unique_id": REPO,
-            "imaging_source_unique_id": "1.3.6.1.4.1.21367.13.72.200",
-            "patient_id_assigning_authority": authority,
-        },
-        "registry": {"database": f"sqlite:///{tmp_path / 'registry.db'}"},
-        "repository": {"directory": str(tmp_path / "repository")},
-    }, base=tmp_path)
-    spool = tmp_path / "spool"
-    spool.mkdir()
-    services = Services(config=cfg, registry=RegistryStore(cfg.registry.database),
-                        documents=DocumentStore(cfg.repository.directory))
+    services, spool = community_services(tmp_path, HOME, REPO, authority=authority)
     return Env(services, tmp_path, spool)
 
 
@@ -667,10 +651,7 @@ def test_wrong_hash_of_a_spooled_document_leaves_no_file(env: Env, conformance: 
 
 def test_registry_crash_after_linking_leaves_no_orphan(env: Env, conformance: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    def boom(*_a: object, **_k: object) -> None:
-        raise RuntimeError("database exploded")
-
-    monkeypatch.setattr(env.services.registry, "submit", boom)
+    _crash_registry(env, monkeypatch)
     pnr = load_message(conformance / SINGLE_DOC)
     (eo,) = entries(pnr)
     attachments = spool_through_mtom(env, pnr, {eid(eo): b"linked, then rolled back"})
@@ -716,14 +697,19 @@ def _staging_files(env: Env) -> list[Path]:
     return list((env.services.documents.directory / ".staging").iterdir())
 
 
-# --- failures inside the gateway -----------------------------------------------------------
-
-def test_registry_crash_leaves_no_orphan_file(env: Env, conformance: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def _crash_registry(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the registry's submit raise, as a database failure would."""
     def boom(*_a: object, **_k: object) -> None:
         raise RuntimeError("database exploded")
 
     monkeypatch.setattr(env.services.registry, "submit", boom)
+
+
+# --- failures inside the gateway -----------------------------------------------------------
+
+def test_registry_crash_leaves_no_orphan_file(env: Env, conformance: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    _crash_registry(env, monkeypatch)
     pnr = load_message(conformance / SINGLE_DOC)
     (eo,) = entries(pnr)
     resp = submit(env, pnr, attach(env, pnr, {eid(eo): b"lost in the crash"}))

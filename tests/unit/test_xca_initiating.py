@@ -39,6 +39,7 @@ from gateway.soap.client import SoapReply
 from gateway.transactions import Attachment, RequestContext
 from gateway.xca import initiating, initiating_imaging
 from gateway.xca.outbound import run_bounded, split_url
+from tests.support.config import plain_community
 
 B = "urn:oid:1.2.3.4.2"
 C = "urn:oid:1.2.3.4.3"
@@ -50,11 +51,7 @@ PATIENT_IN_C = "C-77^^^&1.2.3.10&ISO"
 def config(*homes: str, patient_ids: dict[str, dict[str, str]] | None = None,
            **xca: int) -> GatewayConfig:
     raw: dict[str, Any] = {
-        "tls": {"enabled": False},
-        "community": {"home_community_id": "urn:oid:1.2.3.4.1",
-                      "repository_unique_id": "1.2.3.4.1.1",
-                      "imaging_source_unique_id": "1.2.3.4.1.2",
-                      "patient_id_assigning_authority": "1.2.3.9"},
+        **plain_community(),
         "xca": {"query_timeout_seconds": 2, "retrieve_timeout_seconds": 2, **xca},
         "communities": [{
             "home_community_id": h,

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from gateway.config import ConfigError, GatewayConfig, from_dict
+from tests.support.config import plain_community
 
 HOME = "urn:oid:1.2.3.4.2"
 
@@ -15,11 +16,7 @@ HOME = "urn:oid:1.2.3.4.2"
 def build(tmp_path: Path, community: dict[str, Any] | None = None,
           xca: dict[str, Any] | None = None) -> GatewayConfig:
     raw: dict[str, Any] = {
-        "tls": {"enabled": False},
-        "community": {"home_community_id": "urn:oid:1.2.3.4.1",
-                      "repository_unique_id": "1.2.3.4.1.1",
-                      "imaging_source_unique_id": "1.2.3.4.1.2",
-                      "patient_id_assigning_authority": "1.2.3.9"},
+        **plain_community(),
         "communities": [{"home_community_id": HOME,
                          "query_url": "https://b.example/xca/responding",
                          **(community or {})}],

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from gateway.config import from_dict
 from gateway.ebrim.model import (
     AdhocQuery,
     AdhocQueryResponse,
@@ -38,15 +37,14 @@ from gateway.ns import (
     StoredQuery,
     q,
 )
-from gateway.registry.store import RegistryStore
 from gateway.registry.stored_queries import QUERIES
 from gateway.repository.handlers import provide_and_register
-from gateway.repository.store import DocumentStore
 from gateway.services import Services
 from gateway.transactions import ENDPOINTS_BY_PATH, RequestContext
 from gateway.xca import home as xhome
 from gateway.xca.responding import cross_gateway_query, cross_gateway_retrieve
 from tests.conftest import CONFORMANCE
+from tests.support.services import community_services
 from tests.support.xsd import assert_valid
 
 HOME = "urn:oid:1.3.6.1.4.1.21367.13.70.200"
@@ -110,18 +108,7 @@ def _submit(services: Services, spool: Path, metadata: Path, kos: Path) -> None:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("xca-responding")
-    cfg = from_dict({
-        "tls": {"enabled": False, "require_client_certificate": False},
-        "community": {"home_community_id": HOME, "repository_unique_id": REPO,
-                      "imaging_source_unique_id": "1.3.6.1.4.1.21367.13.72.200",
-                      "patient_id_assigning_authority": "1.3.6.1.4.1.21367.2005.13.20.1000"},
-        "registry": {"database": f"sqlite:///{tmp / 'registry.db'}"},
-        "repository": {"directory": str(tmp / "repository")},
-    }, base=tmp)
-    spool = tmp / "spool"
-    spool.mkdir()
-    services = Services(config=cfg, registry=RegistryStore(cfg.registry.database),
-                        documents=DocumentStore(cfg.repository.directory))
+    services, spool = community_services(tmp, HOME, REPO)
     docs: list[Doc] = []
     for meta_rel, kos_rel in KOS_PAIRS:
         _submit(services, spool, CONFORMANCE / meta_rel, CONFORMANCE / kos_rel)

@@ -25,6 +25,7 @@ from gateway.transactions import RequestContext
 from gateway.xca import initiating
 from gateway.xca.outbound import security_headers
 from tests.support import saml
+from tests.support.config import plain_community
 
 B = "urn:oid:1.2.3.4.2"
 C = "urn:oid:1.2.3.4.3"
@@ -32,11 +33,7 @@ C = "urn:oid:1.2.3.4.3"
 
 def config(tmp_path: Path, **xua_keys: Any) -> GatewayConfig:
     raw: dict[str, Any] = {
-        "tls": {"enabled": False},
-        "community": {"home_community_id": "urn:oid:1.2.3.4.1",
-                      "repository_unique_id": "1.2.3.4.1.1",
-                      "imaging_source_unique_id": "1.2.3.4.1.2",
-                      "patient_id_assigning_authority": "1.2.3.9"},
+        **plain_community(),
         "xua": xua_keys,
         "communities": [{"home_community_id": h,
                          "query_url": f"https://{h[-1]}.example/xca/responding",

@@ -68,14 +68,30 @@ class AuditSpool:
         self._pending: list[_Pending] = []
         self._pending_lock = threading.Lock()
         self._commit_lock = threading.Lock()
-        self._db().executescript(_SCHEMA)  # idempotent; executescript commits itself
+        db = self._db()
+        with self._setup_lock():
+            db.executescript(_SCHEMA)  # idempotent; executescript commits itself
+
+    @contextlib.contextmanager
+    def _setup_lock(self) -> Iterator[None]:
+        """An exclusive lock, across processes, for setting the database up."""
+        fd = os.open(self.directory / "setup.lock", os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def _db(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None or getattr(self._local, "pid", None) != os.getpid():
             db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
                                  check_same_thread=True)
-            db.execute("PRAGMA journal_mode=WAL")
+            # Switching a new database to WAL takes an exclusive lock that SQLite's busy
+            # handler does not wait for: worker processes starting together would fail with
+            # "database is locked". They take turns on a file lock for it instead.
+            with self._setup_lock():
+                db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")  # every commit reaches the disk
             self._local.db = db
             self._local.pid = os.getpid()

@@ -404,6 +404,25 @@ def _kind(table: Mapping[str, Kind], transaction: str) -> Kind:
     return kind
 
 
+def _message(kind: Kind, transaction: str, title: str, *, node: Node,
+             requestor: ActiveParticipant, responder: ActiveParticipant,
+             request: etree._Element | None, response: etree._Element | None,
+             outcome: int | None, human: HumanRequestor | None,
+             when: dt.datetime | None) -> AuditMessage:
+    """The audit message of one transaction, answered or sent: the two differ only in who
+    the requestor and the responder are."""
+    return AuditMessage(
+        event_id=kind.event_id, action=kind.action,
+        outcome=outcome_of(response) if outcome is None else outcome,
+        event_type=m.transaction_code(transaction, title),
+        participants=_participants(kind, requestor=requestor, responder=responder,
+                                   human=human),
+        audit_source_id=node.audit_source_id, enterprise_site_id=node.enterprise_site_id,
+        objects=participant_objects(kind, transaction, title, request, response),
+        event_time=when or dt.datetime.now(dt.UTC),
+        purpose_of_use=human.purpose_of_use if human else ())
+
+
 def answered_event(transaction: str, title: str, *, node: Node, endpoint_url: str,
                    requestor: Peer, request: etree._Element | None,
                    response: etree._Element | None, outcome: int | None = None,
@@ -415,15 +434,9 @@ def answered_event(transaction: str, title: str, *, node: Node, endpoint_url: st
                   user_name=requestor.tls_subject)
     me = _system(endpoint_url, requestor=False, address=node.host,
                  alternative=node.process_id)
-    return AuditMessage(
-        event_id=kind.event_id, action=kind.action,
-        outcome=outcome_of(response) if outcome is None else outcome,
-        event_type=m.transaction_code(transaction, title),
-        participants=_participants(kind, requestor=req, responder=me, human=human),
-        audit_source_id=node.audit_source_id, enterprise_site_id=node.enterprise_site_id,
-        objects=participant_objects(kind, transaction, title, request, response),
-        event_time=when or dt.datetime.now(dt.UTC),
-        purpose_of_use=human.purpose_of_use if human else ())
+    return _message(kind, transaction, title, node=node, requestor=req, responder=me,
+                    request=request, response=response, outcome=outcome, human=human,
+                    when=when)
 
 
 def sent_event(transaction: str, title: str, *, node: Node, endpoint_url: str,
@@ -438,12 +451,6 @@ def sent_event(transaction: str, title: str, *, node: Node, endpoint_url: str,
                  alternative=node.process_id)
     them = _system(endpoint_url, requestor=False, address=responder_address,
                    user_name=responder_subject)
-    return AuditMessage(
-        event_id=kind.event_id, action=kind.action,
-        outcome=outcome_of(response) if outcome is None else outcome,
-        event_type=m.transaction_code(transaction, title),
-        participants=_participants(kind, requestor=me, responder=them, human=human),
-        audit_source_id=node.audit_source_id, enterprise_site_id=node.enterprise_site_id,
-        objects=participant_objects(kind, transaction, title, request, response),
-        event_time=when or dt.datetime.now(dt.UTC),
-        purpose_of_use=human.purpose_of_use if human else ())
+    return _message(kind, transaction, title, node=node, requestor=me, responder=them,
+                    request=request, response=response, outcome=outcome, human=human,
+                    when=when)

@@ -48,8 +48,6 @@ from gateway.security.pki import create_dev_pki  # noqa: E402
 from gateway.soap.client import SoapClient  # noqa: E402
 from tests.support.communities import (  # noqa: E402
     community_config,
-    node_certificate,
-    present_node_certificate,
 )
 from tests.support.orthanc import start_orthanc  # noqa: E402
 from tests.support.rad69 import EXPLICIT_LE, configure_pacs, rad69_request  # noqa: E402
@@ -93,7 +91,6 @@ def main() -> None:
         docs = load_synthetic_study(orthanc, args.instances)
 
         pki = create_dev_pki(work / "pki")
-        node_cert, node_key = node_certificate(pki, work / "pki")
         pb, pa = free_port(), free_port()
         cfg_b = community_config(work / "b", pki, pb, HB, workers=args.workers)
         configure_pacs(cfg_b, port=orthanc.dicom_port, associations=args.associations,
@@ -104,7 +101,6 @@ def main() -> None:
                  f"\n[[communities]]\nhome_community_id = \"{HB}\"\n"
                  f"imaging_retrieve_url = \"https://localhost:{pb}/xcai/responding\"\n")
         cfg_a = community_config(work / "a", pki, pa, HA, extra, workers=args.workers)
-        present_node_certificate(cfg_a, pki, node_cert, node_key)
         gw_a = start_gateway(cfg_a, pki, pa, log_level=args.log_level)
         running.append(gw_a)
 

@@ -58,8 +58,6 @@ from tests.integration.test_xca_initiating import (  # noqa: E402
 )
 from tests.support.communities import (  # noqa: E402
     community_config,
-    node_certificate,
-    present_node_certificate,
     shut_down,
 )
 
@@ -125,7 +123,6 @@ def main() -> int:
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="xca-bench-"))
     pki = create_dev_pki(root / "pki")
-    node_cert, node_key = node_certificate(pki, root / "pki")
     slow = SlowServer(pki)
     running = []
     clients: list[SoapClient] = []
@@ -158,7 +155,6 @@ def main() -> int:
         pa = free_port()
         cfg_a = community_config(root / "a", pki, pa, "urn:oid:1.3.6.1.4.1.21367.2017.2.7.100",
                                  extra)
-        present_node_certificate(cfg_a, pki, node_cert, node_key)
         cfg_a.write_text(cfg_a.read_text().replace("threads = 4", "threads = 8"))
         running.append(start_gateway(cfg_a, pki, pa))
         a = client(pa)

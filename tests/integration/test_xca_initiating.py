@@ -57,8 +57,6 @@ from gateway.transactions import Attachment
 from gateway.xca.outbound import OutboundPool, OutboundSettings
 from tests.support.communities import (
     community_config,
-    node_certificate,
-    present_node_certificate,
     shut_down,
 )
 
@@ -157,7 +155,6 @@ class Federation:
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
     root = tmp_path_factory.mktemp("xca")
     pki = create_dev_pki(root / "pki")
-    node_cert, node_key = node_certificate(pki, root / "pki")
     pa, pb, pc, pd = (free_port() for _ in range(4))
     slow = SlowServer(pki)
     running = []
@@ -186,7 +183,6 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
                  + community(HD, pd, {PATIENT_DOWN: PATIENT_DOWN})
                  + community(HS, slow.port, {PATIENT_SLOW: PATIENT_SLOW}))
         cfg_a = community_config(root / "a", pki, pa, HA, extra)
-        present_node_certificate(cfg_a, pki, node_cert, node_key)
         running.append(start_gateway(cfg_a, pki, pa))
 
         def client(port: int) -> SoapClient:
@@ -342,9 +338,8 @@ def test_rad69_through_a_is_routed_as_rad75_to_the_named_community(
 
 def test_outbound_pool_reuses_its_client_over_mutual_tls(federation: Federation) -> None:
     pki = federation.pki
-    node_cert, node_key = federation.workdir / "pki" / "node.pem", \
-        federation.workdir / "pki" / "node-key.pem"
-    pool = OutboundPool(OutboundSettings(node_cert, node_key, pki.ca_cert, 2.0))
+    # The dev PKI's node certificate serves and is the client certificate of outbound calls.
+    pool = OutboundPool(OutboundSettings(pki.server_cert, pki.server_key, pki.ca_cert, 2.0))
     body = render_adhoc_query_request(AdhocQuery(
         query_id=StoredQuery.FIND_DOCUMENTS,
         parameters=(Slot("$XDSDocumentEntryPatientId", (f"'{PATIENT}'",)),

@@ -10,8 +10,12 @@ TEST_DEBS := python3-venv openssl postgresql orthanc dcmtk rsyslog rsyslog-gnutl
 
 .PHONY: demo test unit lint venv venv-test system-deps clean
 
+# One community (documents, then PACS -> KOS manifests -> RAD-69), then two (A's consumer
+# reaches B's studies through A's initiating gateways). DEMO_ARGS: e.g. --no-federation,
+# --federation-only, --workdir DIR.
+DEMO_ARGS ?=
 demo: venv
-	$(BIN)/xdsi-gateway demo
+	$(BIN)/xdsi-gateway demo $(DEMO_ARGS)
 
 test: system-deps venv-test
 	$(BIN)/pytest -q -p no:cacheprovider

@@ -84,8 +84,13 @@ def _pki(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
+    federation = "only" if args.federation_only else "no" if args.no_federation else "also"
+    if args.serve and federation == "only":
+        print("error: --serve keeps the single-community gateway; it cannot go with "
+              "--federation-only", file=sys.stderr)
+        return 2
     return run_demo(workdir=Path(args.workdir) if args.workdir else None,
-                    port=args.port, keep_serving=args.serve)
+                    port=args.port, keep_serving=args.serve, federation=federation)
 
 
 def _publish(args: argparse.Namespace) -> int:
@@ -138,9 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_pki)
 
     p = sub.add_parser("demo", help="start a gateway on loopback, submit, query and "
-                                    "retrieve a report and a KOS manifest, print a summary")
+                                    "retrieve a report and a KOS manifest, publish and "
+                                    "retrieve a PACS's studies, then the same across two "
+                                    "communities (XCA, XCA-I); print a summary")
     p.add_argument("--serve", action="store_true",
-                   help="keep the gateway running afterwards and print its endpoints")
+                   help="keep the (single-community) gateway running afterwards and print "
+                        "its endpoints")
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument("--no-federation", action="store_true",
+                       help="skip the two-community part")
+    scope.add_argument("--federation-only", action="store_true",
+                       help="run only the two-community part (communities A and B)")
     p.add_argument("--workdir", help="folder for the demo's PKI, configuration and data "
                                      "(default: a new temporary folder)")
     p.add_argument("--port", type=int, default=0, help="HTTPS port (default: a free one)")

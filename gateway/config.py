@@ -52,6 +52,9 @@ class CommunityConfig:
     repository_unique_id: str = ""
     imaging_source_unique_id: str = ""
     patient_id_assigning_authority: str = ""  # OID of the affinity domain's patient ids
+    # ITI-18 endpoint (https://) of this community's Document Registry that the Responding
+    # Gateway queries for ITI-38; empty: the built-in registry.
+    registry_url: str = ""
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,13 @@ class PacsConfig:
     tls_certificate: Path | None = None  # our client certificate
     tls_private_key: Path | None = None
     tls_server_name: str = ""  # name checked in the PACS certificate; default: host
+    # RAD-69 response: "root-first" (the root XML part first, written once the retrieve has
+    # ended; every MTOM client reads it) or "root-last" (each instance streamed as it arrives
+    # from the PACS, the root part last and named by `start`; clients that take the first
+    # part as the envelope, zeep among them, cannot read it). gateway.imaging.rad69.
+    response_order: str = "root-first"
+    # C-GET receive path: "builtin" (gateway.dicom.cget, no DUL thread) or "pynetdicom"
+    dimse_engine: str = "builtin"
 
 
 @dataclass(frozen=True)
@@ -178,6 +188,15 @@ class RemoteCommunity:
 
 
 @dataclass(frozen=True)
+class RemoteSource:
+    """A remote Document Repository ([[repositories]], ITI-43) or Imaging Document Source
+    ([[imaging_sources]], RAD-69) of this community, behind the Responding Gateways."""
+
+    unique_id: str  # its repositoryUniqueId (OID)
+    retrieve_url: str  # its ITI-43 / RAD-69 endpoint (https://)
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
@@ -191,6 +210,8 @@ class GatewayConfig:
     publish: PublishConfig = field(default_factory=PublishConfig)
     xca: XcaConfig = field(default_factory=XcaConfig)
     communities: tuple[RemoteCommunity, ...] = ()
+    repositories: tuple[RemoteSource, ...] = ()  # remote ITI-43 repositories of our community
+    imaging_sources: tuple[RemoteSource, ...] = ()  # remote RAD-69 sources of our community
     source: Path | None = None  # the file this was read from
 
 
@@ -351,6 +372,12 @@ def validate(cfg: GatewayConfig) -> None:
         raise ConfigError("[pacs] associations: expected 1 to 16")
     if not 1 <= p.timeout_seconds <= 3600:
         raise ConfigError("[pacs] timeout_seconds: expected 1 to 3600")
+    if p.response_order not in ("root-first", "root-last"):
+        raise ConfigError("[pacs] response_order: expected \"root-first\" or \"root-last\", "
+                          f"got {p.response_order!r}")
+    if p.dimse_engine not in ("builtin", "pynetdicom"):
+        raise ConfigError("[pacs] dimse_engine: expected \"builtin\" or \"pynetdicom\", "
+                          f"got {p.dimse_engine!r}")
     _validate_pacs_tls(p)
     _validate_publish(cfg.publish)
     _validate_audit(cfg)
@@ -371,6 +398,7 @@ def validate(cfg: GatewayConfig) -> None:
             if not local.strip() or not remote.strip():
                 raise ConfigError(f"{where} patient_ids: empty patient id in the mapping")
     _validate_xca(cfg.xca)
+    _validate_backends(cfg)
 
 
 def _validate_pacs_tls(p: PacsConfig) -> None:
@@ -401,6 +429,30 @@ def _validate_xca(x: XcaConfig) -> None:
             raise ConfigError(f"[xca] {key}: expected 1 to 3600")
     if not 1 <= x.max_parallel <= 256:
         raise ConfigError("[xca] max_parallel: expected 1 to 256")
+
+
+def _validate_backends(cfg: GatewayConfig) -> None:
+    """[community] registry_url, [[repositories]], [[imaging_sources]] (the Responding
+    Gateways' remote backends, gateway.xca.remote_*)."""
+    url = cfg.community.registry_url
+    if url and not url.startswith("https://"):
+        raise ConfigError("[community] registry_url: expected an https:// URL")
+    for section, sources, own_key in (
+            ("repositories", cfg.repositories, "repository_unique_id"),
+            ("imaging_sources", cfg.imaging_sources, "imaging_source_unique_id")):
+        own = getattr(cfg.community, own_key)
+        seen: set[str] = set()
+        for i, src in enumerate(sources):
+            where = f"[[{section}]] #{i + 1}"
+            _check_oid(f"{where} unique_id", src.unique_id)
+            if src.unique_id == own:
+                raise ConfigError(f"{where} unique_id: {src.unique_id} is this gateway's own "
+                                  f"[community] {own_key}")
+            if src.unique_id in seen:
+                raise ConfigError(f"{where} unique_id: listed twice")
+            seen.add(src.unique_id)
+            if not src.retrieve_url.startswith("https://") or len(src.retrieve_url) <= 8:
+                raise ConfigError(f"{where} retrieve_url: expected an https:// URL")
 
 
 def read_patient_id_map(path: Path, where: str) -> dict[str, str]:
@@ -545,10 +597,11 @@ def _audit_defaults(audit: AuditConfig, base: Path) -> AuditConfig:
 
 
 def from_dict(raw: dict[str, Any], base: Path, source: Path | None = None) -> GatewayConfig:
-    unknown = set(raw) - set(_SECTIONS) - {"communities"}
+    arrays = ("communities", "repositories", "imaging_sources")
+    unknown = set(raw) - set(_SECTIONS) - set(arrays)
     if unknown:
         raise ConfigError(f"[{sorted(unknown)[0]}]: unknown section "
-                          f"(known: {', '.join(sorted([*_SECTIONS, 'communities']))})")
+                          f"(known: {', '.join(sorted([*_SECTIONS, *arrays]))})")
     sections = {name: _section(name, cls, raw.get(name, {}), base)
                 for name, cls in _SECTIONS.items()}
     repo_dir = sections["repository"].directory
@@ -567,7 +620,16 @@ def from_dict(raw: dict[str, Any], base: Path, source: Path | None = None) -> Ga
         _with_patient_map(_section(f"[[communities]] #{i + 1}", RemoteCommunity, rc, base),
                           f"[[communities]] #{i + 1}")
         for i, rc in enumerate(raw_communities))
-    cfg = GatewayConfig(**sections, communities=communities, source=source)
+    remote: dict[str, tuple[RemoteSource, ...]] = {}
+    for name in ("repositories", "imaging_sources"):
+        items = raw.get(name, [])
+        if not isinstance(items, list):
+            raise ConfigError(f"[[{name}]]: expected an array of tables")
+        remote[name] = tuple(_section(f"[[{name}]] #{i + 1}", RemoteSource, item, base)
+                             for i, item in enumerate(items))
+    cfg = GatewayConfig(**sections, communities=communities, source=source,
+                        repositories=remote["repositories"],
+                        imaging_sources=remote["imaging_sources"])
     validate(cfg)
     return cfg
 

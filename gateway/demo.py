@@ -7,8 +7,11 @@ loopback (`gateway.demo_pacs`: Orthanc when installed, else a pynetdicom Q/R SCP
 sample studies, the KOS publisher (`gateway.imaging.publish`) registers one manifest per study,
 and the demo plays the consumer: ITI-18 FindDocuments by modality (eventCode CT^^DCM), ITI-43
 for the manifest, RAD-69 for the images it references, written to <workdir>/retrieved and
-compared byte for byte with what was loaded into the PACS. `--serve` then keeps the gateway
-(and the PACS) running.
+compared byte for byte with what was loaded into the PACS. Then, unless told otherwise
+(`run_demo(federation=...)`), the two-community part of `gateway.demo_federation` (XCA,
+XCA-I). `--serve` then keeps the gateway (and the PACS) running. The helpers here
+(`write_config`, `start_gateway`, `rad69_body`, `publish_quietly`, ...) are shared with the
+federation part, the tests and the benchmarks.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ from gateway.ebrim.render import (
     render_submit_objects_request,
 )
 from gateway.imaging.kos import ManifestOptions, build_manifest
-from gateway.imaging.publish import Selection, publish
+from gateway.imaging.publish import PublishSummary, Selection, publish
 from gateway.ns import XDSB, XDSI, XOP, Action, AvailabilityStatus, ResponseStatus, StoredQuery, q
 from gateway.security.pki import DevPki, create_dev_pki
 from gateway.soap.client import SoapClient
@@ -82,9 +85,13 @@ def free_port() -> int:
 
 def write_config(workdir: Path, pki: DevPki, port: int, *, workers: int = 2,
                  max_request_bytes: int = 1 << 30, max_envelope_bytes: int = 64 << 20,
-                 pacs: tuple[int, str] | None = None) -> Path:
+                 pacs: tuple[int, str] | None = None, home: str = HOME,
+                 repository: str = REPOSITORY, imaging_source: str = IMAGING_SOURCE,
+                 authority: str = AUTHORITY, extra: str = "") -> Path:
     """A loopback configuration with the development PKI, in `workdir`; with `pacs`
-    (DICOM port, AE title), a [pacs] section for a PACS on loopback (C-GET)."""
+    (DICOM port, AE title), a [pacs] section for a PACS on loopback (C-GET). `home`,
+    `repository`, `imaging_source` and `authority` name the community (default: the demo's);
+    `extra` is appended as is (more TOML sections)."""
     cfg = workdir / "gateway.toml"
     cfg.write_text(f"""\
 # Written by `xdsi-gateway demo`: a loopback gateway with a development PKI.
@@ -102,10 +109,10 @@ private_key = "{pki.server_key}"
 ca_bundle = "{pki.ca_cert}"
 
 [community]
-home_community_id = "{HOME}"
-repository_unique_id = "{REPOSITORY}"
-imaging_source_unique_id = "{IMAGING_SOURCE}"
-patient_id_assigning_authority = "{AUTHORITY}"
+home_community_id = "{home}"
+repository_unique_id = "{repository}"
+imaging_source_unique_id = "{imaging_source}"
+patient_id_assigning_authority = "{authority}"
 
 [registry]
 database = "sqlite:///{workdir / 'var' / 'registry.db'}"
@@ -124,6 +131,9 @@ calling_ae_title = "XDSI-GW"
 retrieve = "c-get"
 timeout_seconds = 10
 """)
+    if extra:
+        with cfg.open("a") as fh:
+            fh.write(extra)
     return cfg
 
 
@@ -265,7 +275,7 @@ def exercise(client: SoapClient, workdir: Path, say: Callable[[str], None]) -> b
     reply = client.call("/xds/repository", Action.ITI41, body, attachments=attachments)
     status = reply.body.get("status") if reply.body is not None else None
     say(f"ITI-41 Provide and Register: {len(entries)} documents (report, KOS manifest) "
-        f"as MTOM -> {_short(status)}")
+        f"as MTOM -> {short_status(status)}")
     if status != ResponseStatus.SUCCESS:
         say(etree.tostring(reply.envelope, pretty_print=True).decode())
         return False
@@ -280,7 +290,7 @@ def exercise(client: SoapClient, workdir: Path, say: Callable[[str], None]) -> b
     wanted = {v.unique_id for v, _ in entries}
     found_entries = [o for o in found.objects
                      if isinstance(o, ExtrinsicObject) and unique_id(o) in wanted]
-    say(f"ITI-18 FindDocuments for the demo patient -> {_short(found.status)}, "
+    say(f"ITI-18 FindDocuments for the demo patient -> {short_status(found.status)}, "
         f"{len(found.objects)} entries, {len(found_entries)} of ours")
     if len(found_entries) != len(entries):
         return False
@@ -295,7 +305,7 @@ def exercise(client: SoapClient, workdir: Path, say: Callable[[str], None]) -> b
                         spool_dir=spool)
     assert reply.body is not None
     retrieved = parse_retrieve_document_set_response(reply.body)
-    say(f"ITI-43 Retrieve Document Set (MTOM) -> {_short(retrieved.status)}, "
+    say(f"ITI-43 Retrieve Document Set (MTOM) -> {short_status(retrieved.status)}, "
         f"{len(retrieved.documents)} documents")
     ok = len(retrieved.documents) == len(entries)
     by_uid = {v.unique_id: p for v, p in entries}
@@ -316,8 +326,9 @@ IMPLICIT_LE = "1.2.840.10008.1.2"
 
 
 def rad69_body(triples: list[tuple[str, str, str]], syntaxes: tuple[str, ...],
-               repository: str = IMAGING_SOURCE) -> etree._Element:
-    """A RetrieveImagingDocumentSetRequest for (study, series, SOP instance) UID triples."""
+               repository: str = IMAGING_SOURCE, home: str | None = None) -> etree._Element:
+    """A RetrieveImagingDocumentSetRequest for (study, series, SOP instance) UID triples;
+    with `home`, each DocumentRequest names that HomeCommunityId (XCA-I)."""
     root = etree.Element(q(XDSI, "RetrieveImagingDocumentSetRequest"),
                          nsmap={"xdsi": XDSI, "xdsb": XDSB})
     studies: dict[str, dict[str, list[str]]] = {}
@@ -329,6 +340,8 @@ def rad69_body(triples: list[tuple[str, str, str]], syntaxes: tuple[str, ...],
             se = etree.SubElement(st, q(XDSI, "SeriesRequest"), seriesInstanceUID=series)
             for sop in sops:
                 d = etree.SubElement(se, q(XDSB, "DocumentRequest"))
+                if home:
+                    etree.SubElement(d, q(XDSB, "HomeCommunityId")).text = home
                 etree.SubElement(d, q(XDSB, "RepositoryUniqueId")).text = repository
                 etree.SubElement(d, q(XDSB, "DocumentUniqueId")).text = sop
     tsl = etree.SubElement(root, q(XDSI, "TransferSyntaxUIDList"))
@@ -348,6 +361,19 @@ def manifest_references(kos: Dataset) -> list[tuple[str, str, str]]:
     return triples
 
 
+def publish_quietly(config_path: Path) -> PublishSummary:
+    """`xdsi-gateway publish --all` with this configuration, its INFO lines silenced (the
+    caller prints the summary line)."""
+    config = load_config(config_path)
+    publisher_log = logging.getLogger("gateway.imaging.publish")
+    level = publisher_log.level
+    publisher_log.setLevel(logging.WARNING)
+    try:
+        return publish(config, Selection())
+    finally:
+        publisher_log.setLevel(level)
+
+
 def exercise_imaging(client: SoapClient, config_path: Path, pacs: DemoPacs, workdir: Path,
                      say: Callable[[str], None]) -> bool:
     """Load sample studies into the PACS, publish their KOS manifests, then as a consumer:
@@ -363,14 +389,7 @@ def exercise_imaging(client: SoapClient, config_path: Path, pacs: DemoPacs, work
         f"{len(files)} instances in {len(studies)} studies ("
         + ", ".join(f"{s.modality} x{len(s.files)}" for s in studies) + ")")
 
-    config = load_config(config_path)
-    publisher_log = logging.getLogger("gateway.imaging.publish")
-    level = publisher_log.level
-    publisher_log.setLevel(logging.WARNING)  # the summary line below says it all
-    try:
-        summary = publish(config, Selection())
-    finally:
-        publisher_log.setLevel(level)
+    summary = publish_quietly(config_path)
     ours = {r.study_uid: r for r in summary.results}
     say(f"KOS publisher (C-FIND, then ITI-41 to the built-in repository): {summary.line()}")
     if any(ours.get(s.study_uid) is None or ours[s.study_uid].outcome != "published"
@@ -394,7 +413,7 @@ def exercise_imaging(client: SoapClient, config_path: Path, pacs: DemoPacs, work
     found = parse_adhoc_query_response(reply.body)
     entries = [o for o in found.objects if isinstance(o, ExtrinsicObject)
                and unique_id(o) in published]
-    say(f"ITI-18 FindDocuments eventCode CT^^DCM -> {_short(found.status)}, "
+    say(f"ITI-18 FindDocuments eventCode CT^^DCM -> {short_status(found.status)}, "
         f"{len(entries)} of the {len(published)} manifests just published")
     if {unique_id(o) for o in entries} != wanted:
         return False
@@ -420,7 +439,7 @@ def exercise_imaging(client: SoapClient, config_path: Path, pacs: DemoPacs, work
             target = out / f"manifest-{doc.document_unique_id}.dcm"
             shutil.move(str(path), target)
             triples += manifest_references(kos)
-        say(f"ITI-43 Retrieve Document Set -> {_short(retrieved.status)}, "
+        say(f"ITI-43 Retrieve Document Set -> {short_status(retrieved.status)}, "
             f"{len(retrieved.documents)} KOS manifest(s) referencing {len(triples)} instances")
         originals = {str(dcmread(str(f), stop_before_pixels=True).SOPInstanceUID): f
                      for s in ct for f in s.files}
@@ -433,7 +452,7 @@ def exercise_imaging(client: SoapClient, config_path: Path, pacs: DemoPacs, work
         assert reply.body is not None
         images = parse_retrieve_document_set_response(reply.body)
         say(f"RAD-69 Retrieve Imaging Document Set (C-GET from the PACS, MTOM) -> "
-            f"{_short(images.status)}, {len(images.documents)} instances, "
+            f"{short_status(images.status)}, {len(images.documents)} instances, "
             f"written to {out}")
         for error in images.errors:
             say(f"  {error.code}: {error.context}")
@@ -447,13 +466,13 @@ def exercise_imaging(client: SoapClient, config_path: Path, pacs: DemoPacs, work
             same = path is not None and original is not None and \
                 dataset_bytes(target) == dataset_bytes(original)
             ok = ok and same
-            say("  " + _instance_line(target if path is not None else None, same))
+            say("  " + instance_line(target if path is not None else None, same))
         return ok
     finally:
         shutil.rmtree(spool, ignore_errors=True)
 
 
-def _instance_line(path: Path | None, same: bool) -> str:
+def instance_line(path: Path | None, same: bool) -> str:
     """`CT Image Storage, Explicit VR Little Endian, 39214 bytes: byte-exact`."""
     if path is None:
         return "(no MTOM part): DIFFERENT"
@@ -463,7 +482,7 @@ def _instance_line(path: Path | None, same: bool) -> str:
             + ("byte-exact" if same else "DIFFERENT"))
 
 
-def _short(status: str | None) -> str:
+def short_status(status: str | None) -> str:
     return (status or "no status").rsplit(":", 1)[-1]
 
 
@@ -475,14 +494,27 @@ def _interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def run_demo(workdir: Path | None = None, port: int = 0, keep_serving: bool = False) -> int:
+FEDERATION_CHOICES = ("also", "only", "no")
+
+
+def run_demo(workdir: Path | None = None, port: int = 0, keep_serving: bool = False,
+             federation: str = "also") -> int:
     """Run the demo; with `keep_serving`, serve until SIGINT or SIGTERM (then exit 0).
+
+    `federation`: "also" runs the two-community part (`gateway.demo_federation`) after the
+    single-community one, "only" runs it alone, "no" skips it. `keep_serving` keeps the
+    single-community gateway (not with "only").
 
     Both signals are handled like Ctrl-C, so the gateway child is always stopped on the way
     out. SIGINT is installed explicitly too: a process started in the background by a
     non-interactive shell inherits SIGINT ignored, and Python then never turns it into
     KeyboardInterrupt.
     """
+    if federation not in FEDERATION_CHOICES:
+        raise ValueError(f"federation: expected one of {FEDERATION_CHOICES}")
+    if keep_serving and federation == "only":
+        raise ValueError("keep_serving keeps the single-community gateway: not with "
+                         "federation='only'")
     own_workdir = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="xdsi-demo-")) if workdir is None else workdir
     workdir.mkdir(parents=True, exist_ok=True)
@@ -491,13 +523,43 @@ def run_demo(workdir: Path | None = None, port: int = 0, keep_serving: bool = Fa
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, _interrupt)
     try:
-        return _run(workdir, own_workdir, port or free_port(), keep_serving)
+        if federation == "only":
+            return _run_federation_only(workdir, own_workdir)
+        return _run(workdir, own_workdir, port or free_port(), keep_serving,
+                    federation == "also")
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _run(workdir: Path, own_workdir: bool, port: int, keep_serving: bool) -> int:
+def _federation(workdir: Path, pki: DevPki) -> bool:
+    """The two-community part, in `workdir`/federation; failures to start are reported."""
+    from gateway.demo_federation import run_federation
+
+    _say("Federation: two communities; a consumer in A finds and retrieves B's studies "
+         "(XCA, XCA-I)")
+    try:
+        return run_federation(workdir / "federation", pki, lambda line: _say("  " + line))
+    except (DemoPacsError, RuntimeError, OSError, requests.RequestException) as exc:
+        _say(f"  the federation did not run: {exc}")
+        return False
+
+
+def _run_federation_only(workdir: Path, own_workdir: bool) -> int:
+    try:
+        pki = create_dev_pki(workdir / "pki")
+        _say(f"xdsi-gateway demo: work folder {workdir}")
+        _say(f"  development PKI (never for production) in {workdir / 'pki'}")
+        ok = _federation(workdir, pki)
+        _say("demo: " + ("all checks passed" if ok else "FAILED"))
+        return 0 if ok else 1
+    finally:
+        if own_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run(workdir: Path, own_workdir: bool, port: int, keep_serving: bool,
+         federation: bool) -> int:
     pki = create_dev_pki(workdir / "pki")
     _say(f"xdsi-gateway demo: work folder {workdir}")
     _say(f"  development PKI (never for production) in {workdir / 'pki'}")
@@ -525,6 +587,8 @@ def _run(workdir: Path, own_workdir: bool, port: int, keep_serving: bool) -> int
             except DemoPacsError as exc:
                 _say(f"  the embedded PACS failed: {exc}")
                 ok = False
+            if federation:
+                ok = _federation(workdir, pki) and ok
             _say("demo: " + ("all checks passed" if ok else "FAILED"))
             if keep_serving and ok:
                 return _keep_serving(gateway, pki, config, pacs)

@@ -63,20 +63,23 @@ class SampleStudy:
 
 
 # (pydicom test file, copies, modality label, study description, body part)
-_SAMPLES = (
+Sample = tuple[str, int, str, str, str]
+SAMPLES: tuple[Sample, ...] = (
     ("CT_small.dcm", 2, "CT", "CT head without contrast", "HEAD"),
     ("MR_small.dcm", 1, "MR", "MR knee", "KNEE"),
     ("SC_rgb_small_odd.dcm", 1, "OT", "Secondary capture", ""),
 )
 
 
-def sample_studies(folder: Path, *, patient_id: str = PATIENT_ID,
-                   issuer: str = "") -> list[SampleStudy]:
-    """Write the sample studies (fresh Study, Series and SOP Instance UIDs) into `folder`."""
+def sample_studies(folder: Path, *, patient_id: str = PATIENT_ID, issuer: str = "",
+                   patient_name: str = "DEMO^PACS", samples: tuple[Sample, ...] = SAMPLES,
+                   accession_prefix: str = "DEMOACC") -> list[SampleStudy]:
+    """Write the sample studies (fresh Study, Series and SOP Instance UIDs) into `folder`:
+    one study per entry of `samples` (default: CT x2, MR x1, OT x1), all for one patient."""
     folder.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d")
     studies = []
-    for n, (name, copies, modality, description, body_part) in enumerate(_SAMPLES, start=1):
+    for n, (name, copies, modality, description, body_part) in enumerate(samples, start=1):
         source = get_testdata_file(name)
         if source is None:
             raise DemoPacsError(f"pydicom's test file {name} is missing")
@@ -88,10 +91,10 @@ def sample_studies(folder: Path, *, patient_id: str = PATIENT_ID,
             ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = \
                 study_uid, series_uid, sop
             ds.file_meta.MediaStorageSOPInstanceUID = sop
-            ds.PatientID, ds.PatientName = patient_id, "DEMO^PACS"
+            ds.PatientID, ds.PatientName = patient_id, patient_name
             if issuer:
                 ds.IssuerOfPatientID = issuer
-            ds.AccessionNumber = f"DEMOACC{n}"
+            ds.AccessionNumber = f"{accession_prefix}{n}"
             ds.StudyID = str(n)
             ds.StudyDate, ds.StudyTime = stamp, "090000"
             ds.SeriesDate, ds.SeriesTime = stamp, "090500"
@@ -144,6 +147,10 @@ class DemoPacs:
         """The exit status when the PACS process ended, else None."""
         return None
 
+    def request_stop(self) -> None:
+        """Ask the PACS to stop without waiting for it (`stop` then waits): several PACSes
+        asked first stop together."""
+
     def stop(self) -> None:
         raise NotImplementedError
 
@@ -153,8 +160,8 @@ class OrthancPacs(DemoPacs):
 
     kind = "Orthanc"
 
-    def __init__(self, binary: str, folder: Path):
-        super().__init__(_free_port(), PACS_AE, folder)
+    def __init__(self, binary: str, folder: Path, aet: str = PACS_AE):
+        super().__init__(_free_port(), aet, folder)
         self.http_port = _free_port()
         storage = folder / "storage"
         storage.mkdir(parents=True, exist_ok=True)
@@ -177,6 +184,7 @@ class OrthancPacs(DemoPacs):
             self.process = subprocess.Popen([binary, "--logdir=" + str(folder), str(path)],
                                             stdout=log, stderr=subprocess.STDOUT, cwd=folder)
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        self._stopping = False
 
     @property
     def pid(self) -> int:
@@ -207,9 +215,14 @@ class OrthancPacs(DemoPacs):
     def exited(self) -> int | None:
         return self.process.poll()
 
+    def request_stop(self) -> None:
+        if self.process.poll() is None and not self._stopping:
+            self.process.terminate()  # Orthanc takes 2 to 3 s to wind down
+            self._stopping = True
+
     def stop(self) -> None:
         if self.process.poll() is None:
-            self.process.terminate()
+            self.request_stop()
             try:
                 self.process.wait(timeout=15)
             except (subprocess.TimeoutExpired, KeyboardInterrupt):
@@ -269,7 +282,7 @@ class PynetdicomPacs(DemoPacs):
 
     kind = "pynetdicom Q/R SCP"
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, aet: str = PACS_AE):
         from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
         from pynetdicom.sop_class import (  # type: ignore[attr-defined]
             StudyRootQueryRetrieveInformationModelFind,
@@ -277,7 +290,7 @@ class PynetdicomPacs(DemoPacs):
             Verification,
         )
 
-        super().__init__(_free_port(), PACS_AE, folder)
+        super().__init__(_free_port(), aet, folder)
         self.headers: dict[str, tuple[Path, Dataset]] = {}
         self._lock = threading.Lock()
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
@@ -369,9 +382,9 @@ def orthanc_binary() -> str | None:
     return next((c for c in ORTHANC_CANDIDATES if Path(c).is_file()), None)
 
 
-def start_demo_pacs(folder: Path, *, kind: str | None = None,
-                    timeout: float = 30.0) -> DemoPacs:
-    """Orthanc when installed, else a pynetdicom Q/R SCP; both on loopback.
+def start_demo_pacs(folder: Path, *, kind: str | None = None, timeout: float = 30.0,
+                    aet: str = PACS_AE) -> DemoPacs:
+    """Orthanc when installed, else a pynetdicom Q/R SCP; both on loopback, AE title `aet`.
 
     `kind` ("auto", "orthanc" or "pynetdicom"; default: the XDSI_DEMO_PACS environment
     variable, else "auto") picks one."""
@@ -382,7 +395,7 @@ def start_demo_pacs(folder: Path, *, kind: str | None = None,
     binary = orthanc_binary() if kind != "pynetdicom" else None
     if kind == "orthanc" and binary is None:
         raise DemoPacsError("Orthanc is not installed (Debian package orthanc)")
-    pacs: DemoPacs = OrthancPacs(binary, folder) if binary else PynetdicomPacs(folder)
+    pacs: DemoPacs = OrthancPacs(binary, folder, aet) if binary else PynetdicomPacs(folder, aet)
     deadline = time.monotonic() + timeout
     try:
         while not pacs.ready():

@@ -6,6 +6,11 @@ store) becomes a response with status Failure and its RegistryErrorList, never a
 to the edge. The plain functions behind them are for other actors of this process:
 `register(services, submission)` (ITI-41 after the repository stored the documents) and
 `execute_stored_query(services, query)` (the responding gateway of ITI-38).
+
+ITI-18 applies the request's startIndex / maxResults (ebRS 3.0 iterative query,
+`gateway.ebrim.paging`) after the [registry] max_results bound: a query matching more than
+max_results objects fails with XDSTooManyResults whatever page it asks for; otherwise the
+answer holds the asked slice, with startIndex and totalResultCount when the client paged.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from gateway.ebrim.model import (
     RegistryPackage,
     SubmitObjectsRequest,
 )
+from gateway.ebrim.paging import page, paging_of, response_attributes
 from gateway.ebrim.parse import parse_adhoc_query_request, parse_submit_objects_request
 from gateway.ebrim.render import render_adhoc_query_response, render_registry_response
 from gateway.ebrim.validation import assign_uuids, validate_submission
@@ -169,8 +175,12 @@ def stored_query(services: Services, ctx: RequestContext,
     errors: list[XdsError]
     try:
         query = parse_adhoc_query_request(body)
+        paging = paging_of(query)  # before the store is asked: a bad value costs nothing
         found = execute_stored_query(services, query)
-        return SoapResponse(render_adhoc_query_response(ResponseStatus.SUCCESS, found, []))
+        start_index, total = response_attributes(paging, len(found))
+        return SoapResponse(render_adhoc_query_response(
+            ResponseStatus.SUCCESS, page(found, paging), [], start_index=start_index,
+            total_result_count=total))
     except XdsFailure as failure:
         errors = list(failure.errors)
     except Exception as exc:

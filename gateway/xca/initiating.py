@@ -16,6 +16,21 @@ missing), the responders' errors are kept (location set to the community when mi
 community that failed or did not answer in time adds XDSUnavailableCommunity with location =
 its homeCommunityId; some answers plus such errors make PartialSuccess.
 
+Patient ids in the answers: the patientId of every returned DocumentEntry, SubmissionSet and
+Folder is translated back into the local id the consumer asked with, by the same
+cross-reference (gateway.xca.patient_ids, which says which TF text this follows: ITI TF-2a
+3.18.2, ITI TF-1 18.2.1 XDS Affinity Domain Option, ITI TF-2b 3.38); sourcePatientId is left
+alone; an id the cross-reference cannot map back is left as returned (DEBUG log, no id).
+
+Size and paging of the merged answer: more than [registry] max_results objects from all
+communities together is a Failure with XDSTooManyResults and no objects, as the local registry
+answers (ITI TF-3 Table 4.2.4.1-2: "the request cannot be satisfied due to being overly broad
+or having a response that is too large"). Otherwise the consumer's startIndex / maxResults
+(ebRS 3.0 iterative query, gateway.ebrim.paging) select the slice it gets, in a stable order
+(communities in configuration order, each community's objects in its order), with startIndex
+and totalResultCount on the answer when it paged. The communities are never sent the paging
+attributes: each is asked for everything.
+
 ITI-43 becomes ITI-39 Cross Gateway Retrieve: the DocumentRequests are grouped by
 HomeCommunityId, one request per community, in parallel, bounded by
 retrieve_timeout_seconds. The remote documents arrive as MTOM parts spooled to files in the
@@ -42,6 +57,7 @@ import requests
 from lxml import etree
 
 from gateway.config import GatewayConfig, RemoteCommunity
+from gateway.ebrim.paging import Paging, page, paging_of, response_attributes
 from gateway.ebrim.parse import (
     content_id_from_href,
     parse_adhoc_query_request,
@@ -67,6 +83,17 @@ from gateway.soap.client import SoapReply
 from gateway.soap.mtom import resolve_cid
 from gateway.transactions import Attachment, RequestContext, SoapResponse
 from gateway.xca.outbound import Outcome, pool_for, run_bounded, security_headers
+from gateway.xca.patient_ids import (
+    NO_REVERSE,
+    ReverseMap,
+    localize_patient_ids,
+    patient_ids_of,
+    query_slots,
+    reverse_map,
+    slot_values,
+    translate_patient_ids,
+    unquote,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +106,6 @@ PATIENT_QUERIES = frozenset({
     StoredQuery.GET_ALL, StoredQuery.FIND_DOCUMENTS_BY_REFERENCE_ID,
 })
 KNOWN_QUERIES = frozenset(v for k, v in vars(StoredQuery).items() if not k.startswith("_"))
-PATIENT_PARAMETERS = frozenset({
-    "$XDSDocumentEntryPatientId", "$XDSSubmissionSetPatientId", "$XDSFolderPatientId",
-    "$patientId",
-})
 HOME_PARAMETER = "$homeCommunityId"
 
 # ATNA EventOutcomeIndicator for a community that failed (serious failure).
@@ -146,57 +169,11 @@ def _response_errors(status_holder: etree._Element) -> list[XdsError]:
 
 # --- ITI-18 -> ITI-38 -------------------------------------------------------------------------
 
-def _unquote(value: str) -> tuple[str, str, str]:
-    """"('X')" -> ("('", "X", "')"): the patient id and what wraps it."""
-    text = value.strip()
-    head = tail = ""
-    if text.startswith("(") and text.endswith(")"):
-        head, tail, text = "(", ")", text[1:-1].strip()
-    if len(text) >= 2 and text[0] == text[-1] == "'":
-        head, tail, text = head + "'", "'" + tail, text[1:-1]
-    return head, text, tail
-
-
-def _query_slots(request: etree._Element) -> list[etree._Element]:
-    aq = request.find(q(RIM, "AdhocQuery"))
-    return [] if aq is None else list(aq.iterfind(q(RIM, "Slot")))
-
-
-def _slot_values(slot: etree._Element) -> list[etree._Element]:
-    return list(slot.iterfind(f"{q(RIM, 'ValueList')}/{q(RIM, 'Value')}"))
-
-
-def patient_ids_of(request: etree._Element) -> list[str]:
-    """The patient ids named by the query's patient parameters."""
-    return [_unquote(v.text or "")[1] for s in _query_slots(request)
-            if s.get("name") in PATIENT_PARAMETERS for v in _slot_values(s)]
-
-
-def translate_patient_ids(request: etree._Element, community: RemoteCommunity
-                          ) -> etree._Element | None:
-    """A copy of the AdhocQueryRequest with the patient ids in `community`'s terms; None when
-    the community has a cross-reference that does not list a patient of the query."""
-    out = copy.deepcopy(request)
-    mapping = dict(community.patient_ids)
-    if not mapping:
-        return out
-    for slot in _query_slots(out):
-        if slot.get("name") not in PATIENT_PARAMETERS:
-            continue
-        for value in _slot_values(slot):
-            head, cx, tail = _unquote(value.text or "")
-            remote = mapping.get(cx)
-            if remote is None:
-                return None
-            value.text = f"{head}{remote}{tail}"
-    return out
-
-
 def _home_of_query(request: etree._Element, query_home: str | None) -> str | None:
     homes = {query_home.strip()} if query_home and query_home.strip() else set()
-    for slot in _query_slots(request):
+    for slot in query_slots(request):
         if slot.get("name") == HOME_PARAMETER:
-            homes.update(_unquote(v.text or "")[1].strip() for v in _slot_values(slot))
+            homes.update(unquote(v.text or "")[1].strip() for v in slot_values(slot))
     homes.discard("")
     if len(homes) > 1:
         raise XdsFailure(XdsError(
@@ -205,10 +182,16 @@ def _home_of_query(request: etree._Element, query_home: str | None) -> str | Non
     return homes.pop() if homes else None
 
 
+# Paging attributes of the consumer's request: applied to the merged answer, never sent on
+# (each community is asked for everything; a page of each would not be a page of the whole).
+PAGING_ATTRIBUTES = ("startIndex", "maxResults")
+
+
 @dataclass(frozen=True)
 class _Target:
     community: RemoteCommunity
     body: etree._Element
+    reverse: ReverseMap = NO_REVERSE
 
 
 def query_targets(config: GatewayConfig, body: etree._Element) -> list[_Target]:
@@ -242,23 +225,37 @@ def query_targets(config: GatewayConfig, body: etree._Element) -> list[_Target]:
         raise XdsFailure(XdsError(
             ErrorCode.REGISTRY_ERROR, "no remote community with a query_url is configured"))
     targets = []
+    asked = patient_ids_of(body)
     for community in selected:
         out = translate_patient_ids(body, community)
         if out is None:
             log.debug("ITI-38: community %s has no cross-reference for the patient",
                       community.home_community_id)
             continue
+        for attribute in PAGING_ATTRIBUTES:
+            if attribute in out.attrib:
+                del out.attrib[attribute]
         if home is not None:
             aq = out.find(q(RIM, "AdhocQuery"))
             if aq is not None:
                 aq.set("home", community.home_community_id)
-        targets.append(_Target(community, out))
+        targets.append(_Target(community, out, reverse_map(community, asked)))
     return targets
 
 
-def _merge_query(targets: Sequence[_Target], outcomes: Mapping[str, Outcome[SoapReply]],
-                 timeout: float) -> tuple[etree._Element, list[str]]:
-    """The merged AdhocQueryResponse, and the communities that answered usably."""
+@dataclass
+class _Merged:
+    """The communities' answers put together, before the limit and the page are applied."""
+
+    objects: list[etree._Element]
+    errors: list[XdsError]
+    answered: list[str]
+    any_success: bool
+
+
+def _merge_answers(targets: Sequence[_Target], outcomes: Mapping[str, Outcome[SoapReply]],
+                   timeout: float) -> _Merged:
+    """Every community's objects (home stamped, patient ids in local terms) and errors."""
     errors: list[XdsError] = []
     objects: list[etree._Element] = []
     answered: list[str] = []
@@ -280,27 +277,65 @@ def _merge_query(targets: Sequence[_Target], outcomes: Mapping[str, Outcome[Soap
             any_success = True
         errors.extend(_located(_response_errors(body), home))
         rol = body.find(q(RIM, "RegistryObjectList"))
-        for obj in (list(rol) if rol is not None else []):
-            if not isinstance(obj.tag, str):
-                continue  # comments, processing instructions
+        returned = [o for o in (list(rol) if rol is not None else [])
+                    if isinstance(o.tag, str)]  # not comments, processing instructions
+        for obj in returned:
             if not obj.get("home"):
                 obj.set("home", home)
-            objects.append(obj)
+        done = localize_patient_ids(returned, t.reverse, home)
+        if done.unmapped:
+            log.debug("ITI-38 to community %s: %d patient id(s) without a local id left as "
+                      "returned", home, done.unmapped)
+        objects.extend(returned)
+    return _Merged(objects, errors, answered, any_success)
+
+
+def _too_many(count: int, limit: int) -> XdsError:
+    # ITI TF-3 Table 4.2.4.1-2: XDSTooManyResults, "the request cannot be satisfied due to
+    # being overly broad or having a response that is too large": an error, no partial list
+    # (as the local registry answers, gateway.registry.handlers.execute_stored_query).
+    return XdsError(ErrorCode.TOO_MANY_RESULTS,
+                    f"the communities answered {count} objects together, more than the "
+                    f"{limit} one answer may hold; narrow the query")
+
+
+def _merged_response(merged: _Merged, targets: Sequence[_Target], paging: Paging,
+                     limit: int) -> etree._Element:
+    """The consumer's AdhocQueryResponse: [registry] max_results on the whole merged list,
+    then the page it asked for (startIndex / maxResults)."""
+    errors = list(merged.errors)
+    objects = merged.objects
+    any_success = merged.any_success
+    if len(objects) > limit:
+        errors.append(_too_many(len(objects), limit))
+        objects, any_success = [], False
     status = status_for(errors, partial_possible=True, any_success=any_success)
     if not targets:
         status = ResponseStatus.SUCCESS  # no community knows the patient: nothing found
-    response = render_adhoc_query_response(status, [], errors)
+    start_index, total = (response_attributes(paging, len(objects))
+                          if status != ResponseStatus.FAILURE else (None, None))
+    response = render_adhoc_query_response(status, [], errors, start_index=start_index,
+                                           total_result_count=total)
     rol = response.find(q(RIM, "RegistryObjectList"))
     assert rol is not None
-    for obj in objects:
+    for obj in page(objects, paging):
         rol.append(obj)
-    return response, answered
+    return response
+
+
+def _merge_query(targets: Sequence[_Target], outcomes: Mapping[str, Outcome[SoapReply]],
+                 timeout: float, paging: Paging | None = None, limit: int = 1000
+                 ) -> tuple[etree._Element, list[str]]:
+    """The merged AdhocQueryResponse, and the communities that answered usably."""
+    merged = _merge_answers(targets, outcomes, timeout)
+    return _merged_response(merged, targets, paging or Paging(), limit), merged.answered
 
 
 def stored_query(services: Any, ctx: RequestContext, body: etree._Element) -> SoapResponse:
     """ITI-18 at the initiating gateway: ITI-38 to the communities, answers merged."""
     config: GatewayConfig = services.config
     try:
+        paging = paging_of(parse_adhoc_query_request(body))
         targets = query_targets(config, body)
     except XdsFailure as failure:
         errors = list(failure.errors)
@@ -321,7 +356,8 @@ def stored_query(services: Any, ctx: RequestContext, body: etree._Element) -> So
         audit_outbound(services, "ITI-38", t.community.query_url, t.body,
                        o.value.body if o.ok and o.value is not None else None,
                        None if o.ok else OUTCOME_SERIOUS_FAILURE, ctx)
-    response, answered = _merge_query(targets, outcomes, timeout)
+    response, answered = _merge_query(targets, outcomes, timeout, paging,
+                                      config.registry.max_results)
     log.debug("ITI-38: %d of %d communities answered", len(answered), len(targets))
     return SoapResponse(response)
 

@@ -1,34 +1,45 @@
 """Responding Gateway (XCA): ITI-38 Cross Gateway Query and ITI-39 Cross Gateway Retrieve,
-answered from this community's built-in registry and repository.
+answered from this community's registry and repositories, built-in or remote.
 
-ITI-38 is the ITI-18 stored query of the local registry
-(`gateway.registry.handlers.execute_stored_query`, no stored query logic here) behind the
-homeCommunityId rules of `gateway.xca.home`; every returned ExtrinsicObject, RegistryPackage,
-Association and ObjectRef carries home = our homeCommunityId. ITI-39 is the ITI-43 retrieve of
-the local repository (`gateway.repository.handlers.retrieve`) for the DocumentRequests that
-name our community; the others get XDSMissingHomeCommunityId / XDSUnknownCommunity, one error
-each, and the answer is PartialSuccess when some documents come back. Documents go out as MTOM
-attachments (the store's files, streamed by the edge). Every RegistryError's location is our
+ITI-38 is an ITI-18 stored query behind the homeCommunityId rules of `gateway.xca.home`: of
+the built-in registry (`gateway.registry.handlers.execute_stored_query`, no stored query
+logic here), or, when `[community] registry_url` is set, of the community's remote registry
+(`gateway.xca.remote_registry`). Every returned ExtrinsicObject, RegistryPackage, Association
+and ObjectRef carries home = our homeCommunityId. The request's startIndex / maxResults
+(ebRS 3.0 iterative query, `gateway.ebrim.paging`) select the slice of the built-in registry's
+result; a remote registry gets them in the forwarded query and pages itself.
+
+ITI-39: the DocumentRequests that name our community are served per RepositoryUniqueId: the
+built-in repository's (`gateway.repository.handlers.retrieve`, which also answers
+XDSUnknownRepositoryId for ids nobody serves), or a remote repository's from [[repositories]],
+asked with ITI-43 (`gateway.xca.remote_retrieve`, all remote repositories in parallel and
+while the built-in one is read, each bounded by [xca] retrieve_timeout_seconds; one that fails
+gives XDSRepositoryError for each of its documents). The DocumentRequests naming no or another
+community get XDSMissingHomeCommunityId / XDSUnknownCommunity, one error each. The answer is
+PartialSuccess when some documents come back and some fail. Documents go out as MTOM
+attachments (the store's files, or the remote answers' spooled parts, streamed by the edge),
+each DocumentResponse carrying our HomeCommunityId. Every RegistryError's location is our
 homeCommunityId (ITI TF-2b 3.38.4.1.3, 3.39.4.1.3).
-
-Not here yet: a remote registry (ITI-18) or remote repositories (ITI-43) behind the gateway.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from lxml import etree
 
 from gateway.ebrim.model import DocumentRequest, RetrievedDocument, RetrieveDocumentSetRequest
+from gateway.ebrim.paging import page, paging_of, response_attributes
 from gateway.ebrim.parse import parse_adhoc_query_request, parse_retrieve_document_set_request
 from gateway.ebrim.render import (
     render_adhoc_query_response,
+    render_retrieve_document_set_request,
     render_retrieve_document_set_response,
 )
 from gateway.errors import XdsError, XdsFailure, status_for
-from gateway.ns import ErrorCode, ResponseStatus
+from gateway.ns import Action, ErrorCode, ResponseStatus
 from gateway.registry.handlers import execute_stored_query
 from gateway.registry.stored_queries import QUERIES
 from gateway.repository import handlers as repository
@@ -40,6 +51,8 @@ from gateway.xca.home import (
     stamp_home,
     without_home_parameter,
 )
+from gateway.xca.remote_registry import query_remote_registry
+from gateway.xca.remote_retrieve import RemoteShare, fetch_shares, in_background
 
 if TYPE_CHECKING:
     from gateway.services import Services
@@ -67,9 +80,18 @@ def cross_gateway_query(services: Services, ctx: RequestContext,
                                    definition.params if definition is not None else None)
         if problem is not None:
             raise XdsFailure(problem)
+        if services.config.community.registry_url:
+            answer = query_remote_registry(services, ctx, body)
+            return SoapResponse(render_adhoc_query_response(
+                answer.status, stamp_home(answer.objects, home), located(answer.errors, home),
+                location=home, start_index=answer.start_index,
+                total_result_count=answer.total_result_count))
+        paging = paging_of(query)  # before the store is asked: a bad value costs nothing
         found = execute_stored_query(services, without_home_parameter(query))
+        start_index, total = response_attributes(paging, len(found))
         return SoapResponse(render_adhoc_query_response(
-            ResponseStatus.SUCCESS, stamp_home(found, home), [], location=home))
+            ResponseStatus.SUCCESS, stamp_home(page(found, paging), home), [], location=home,
+            start_index=start_index, total_result_count=total))
     except XdsFailure as failure:
         errors = list(failure.errors)
     except Exception as exc:  # an error value, never a trace to the edge
@@ -97,17 +119,53 @@ def split_by_home(requests: tuple[DocumentRequest, ...], home: str
     return ours, errors
 
 
-def retrieve_local(services: Services, request: RetrieveDocumentSetRequest
+def remote_shares(services: Services, requests: list[DocumentRequest]
+                  ) -> tuple[list[DocumentRequest], list[RemoteShare]]:
+    """The DocumentRequests for the built-in repository (its own id, or an id no remote
+    repository has: it reports those), and one ITI-43 share per remote repository (the
+    requests without HomeCommunityId: the repository is in our community, not a gateway)."""
+    remotes = {r.unique_id: r.retrieve_url for r in services.config.repositories}
+    local: list[DocumentRequest] = []
+    grouped: dict[str, list[DocumentRequest]] = {}
+    for r in requests:
+        if r.repository_unique_id in remotes:
+            grouped.setdefault(r.repository_unique_id, []).append(
+                replace(r, home_community_id=None))
+        else:
+            local.append(r)
+    shares = [RemoteShare(
+        uid, remotes[uid],
+        render_retrieve_document_set_request(RetrieveDocumentSetRequest(tuple(docs))),
+        tuple(d.document_unique_id for d in docs)) for uid, docs in grouped.items()]
+    return local, shares
+
+
+def retrieve_local(services: Services, request: RetrieveDocumentSetRequest,
+                   ctx: RequestContext | None = None
                    ) -> tuple[str, list[RetrievedDocument], list[XdsError]]:
-    """The documents and errors of one ITI-39 request from the local repository, and the
-    status; errors located at our homeCommunityId."""
+    """The documents and errors of one ITI-39 request from this community's repositories
+    (built-in and, with `ctx` for the spool folder and XUA header, the remote ones), and the
+    status; every document carries our HomeCommunityId, every error our location."""
     home = _home(services)
     ours, errors = split_by_home(request.documents, home)
+    local, shares = remote_shares(services, ours) if ctx is not None else (ours, [])
+    remote = None
+    if shares:
+        assert ctx is not None
+        spool = ctx.spool_dir / "iti39"
+        remote = in_background(lambda: fetch_shares(
+            services, ctx, shares, action=Action.ITI43, transaction="ITI-43", spool=spool,
+            what="document repository"))
     documents: list[RetrievedDocument] = []
-    if ours:
+    if local:
         _status, documents, found_errors = repository.retrieve(
-            services, RetrieveDocumentSetRequest(documents=tuple(ours)))
+            services, RetrieveDocumentSetRequest(documents=tuple(local)))
         errors.extend(found_errors)
+    if remote is not None:
+        remote_documents, remote_errors = remote.result()
+        documents.extend(remote_documents)
+        errors.extend(remote_errors)
+    documents = [replace(d, home_community_id=home) for d in documents]
     errors = located(errors, home)
     status = status_for(errors, partial_possible=True, any_success=bool(documents))
     return status, documents, errors
@@ -119,7 +177,7 @@ def cross_gateway_retrieve(services: Services, ctx: RequestContext,
     home = _home(services)
     try:
         request = parse_retrieve_document_set_request(body)
-        status, documents, errors = retrieve_local(services, request)
+        status, documents, errors = retrieve_local(services, request, ctx)
     except XdsFailure as failure:
         status, documents, errors = (ResponseStatus.FAILURE, [],
                                      located(failure.errors, home))

@@ -1,18 +1,21 @@
 """Responding Imaging Gateway (XCA-I): RAD-75 Cross Gateway Retrieve Imaging Document Set,
-answered by RAD-69 to this community's built-in Imaging Document Source.
+answered by RAD-69 to the Imaging Document Sources of this community, built-in or remote.
 
 Per DocumentRequest: HomeCommunityId must name our community (XDSMissingHomeCommunityId /
-XDSUnknownCommunity otherwise, `gateway.xca.home`); the RepositoryUniqueId must be our
-imaging_source_unique_id, else XDSUnknownRepositoryId for that document. The documents that
-pass go through the RAD-69 machinery of `gateway.imaging.rad69` (the same checks, C-FIND
-resolution and C-GET/C-MOVE into the request's spool folder); the results of all documents
-are consolidated into one RetrieveDocumentSetResponse (RAD TF-3 4.75.4.1.3): PartialSuccess
-when some documents come back and some fail, every RegistryError located at our
-homeCommunityId, each DocumentResponse carrying HomeCommunityId. The instances go out as MTOM
-attachments streamed from the spool files, removed after the response.
-
-Not here yet: remote Imaging Document Sources of this community reached over RAD-69 (their
-RepositoryUniqueIds answer XDSUnknownRepositoryId until the configuration can name them).
+XDSUnknownCommunity otherwise, `gateway.xca.home`). The RepositoryUniqueId then names the
+Imaging Document Source: a remote one from [[imaging_sources]] is sent RAD-69 with its share
+of the request (the StudyRequest/SeriesRequest tree of its documents, no HomeCommunityId: the
+source is in our community, and the request's TransferSyntaxUIDList) by
+`gateway.xca.remote_retrieve`, all remote sources in parallel and while the built-in one
+works, each bounded by [xca] retrieve_timeout_seconds; a source that fails gives
+XDSRepositoryError for each of its documents. Every other document goes through the RAD-69
+machinery of the built-in source over its PACS (`gateway.imaging.rad69`: the same checks,
+XDSUnknownRepositoryId for an id nobody serves, C-FIND resolution and C-GET/C-MOVE into the
+request's spool folder). The results of all sources are consolidated into one
+RetrieveDocumentSetResponse (RAD TF-3 4.75.4.1.3): PartialSuccess when some documents come
+back and some fail, every RegistryError located at our homeCommunityId, each DocumentResponse
+carrying HomeCommunityId. The instances go out as MTOM attachments streamed from the spool
+files, removed after the response.
 """
 
 from __future__ import annotations
@@ -29,9 +32,10 @@ from gateway.ebrim.render import render_retrieve_document_set_response
 from gateway.errors import XdsError, XdsFailure, status_for
 from gateway.imaging.rad69 import MIME_DICOM, retrieve_request
 from gateway.imaging.request import ImagingDocumentRequest, ImagingRequest, parse_request
-from gateway.ns import ErrorCode, ResponseStatus
+from gateway.ns import XDSB, XDSI, Action, ErrorCode, ResponseStatus, q
 from gateway.transactions import Attachment, RequestContext, SoapResponse
 from gateway.xca.home import check_request_home, located
+from gateway.xca.remote_retrieve import RemoteShare, fetch_shares, in_background
 
 if TYPE_CHECKING:
     from gateway.services import Services
@@ -45,11 +49,59 @@ def _home(services: Services) -> str:
     return services.config.community.home_community_id
 
 
-def retrieve_local_imaging(services: Services, request: ImagingRequest, spool: Path
+def rad69_request(documents: list[ImagingDocumentRequest], syntaxes: tuple[str, ...]
+                  ) -> etree._Element:
+    """xdsi:RetrieveImagingDocumentSetRequest for `documents` (grouped by study, then series,
+    in request order; without HomeCommunityId) asking for `syntaxes`."""
+    root = etree.Element(q(XDSI, "RetrieveImagingDocumentSetRequest"),
+                         nsmap={"xdsi": XDSI, "xdsb": XDSB})
+    studies: dict[str, etree._Element] = {}
+    series: dict[tuple[str, str], etree._Element] = {}
+    for d in documents:
+        study = studies.get(d.study_uid)
+        if study is None:
+            study = studies[d.study_uid] = etree.SubElement(
+                root, q(XDSI, "StudyRequest"), studyInstanceUID=d.study_uid)
+        key = (d.study_uid, d.series_uid)
+        ser = series.get(key)
+        if ser is None:
+            ser = series[key] = etree.SubElement(
+                study, q(XDSI, "SeriesRequest"), seriesInstanceUID=d.series_uid)
+        dr = etree.SubElement(ser, q(XDSB, "DocumentRequest"))
+        etree.SubElement(dr, q(XDSB, "RepositoryUniqueId")).text = d.repository_unique_id
+        etree.SubElement(dr, q(XDSB, "DocumentUniqueId")).text = d.document_unique_id
+    tsl = etree.SubElement(root, q(XDSI, "TransferSyntaxUIDList"))
+    for t in syntaxes:
+        etree.SubElement(tsl, q(XDSI, "TransferSyntaxUID")).text = t
+    return root
+
+
+def remote_imaging_shares(services: Services, request: ImagingRequest,
+                          documents: list[ImagingDocumentRequest]
+                          ) -> tuple[list[ImagingDocumentRequest], list[RemoteShare]]:
+    """The documents for the built-in Imaging Document Source (its own id, an id no remote
+    source has, or a request it must reject as written) and one RAD-69 share per remote
+    source of [[imaging_sources]]."""
+    remotes = {s.unique_id: s.retrieve_url for s in services.config.imaging_sources}
+    local: list[ImagingDocumentRequest] = []
+    grouped: dict[str, list[ImagingDocumentRequest]] = {}
+    for d in documents:
+        if d.valid and d.repository_unique_id in remotes:
+            grouped.setdefault(d.repository_unique_id, []).append(d)
+        else:
+            local.append(d)
+    shares = [RemoteShare(uid, remotes[uid], rad69_request(docs, request.transfer_syntaxes),
+                          tuple(d.document_unique_id for d in docs))
+              for uid, docs in grouped.items()]
+    return local, shares
+
+
+def retrieve_local_imaging(services: Services, request: ImagingRequest, spool: Path,
+                           ctx: RequestContext | None = None
                            ) -> tuple[str, list[RetrievedDocument], list[XdsError]]:
-    """RAD-69 to the local Imaging Document Source for the documents of our community; the
-    consolidated status, documents (files under `spool`) and errors (located at our
-    homeCommunityId)."""
+    """RAD-69 to this community's Imaging Document Sources (the built-in one and, with `ctx`
+    for the XUA header, the remote ones) for the documents of our community; the consolidated
+    status, documents (files under `spool`) and errors (located at our homeCommunityId)."""
     home = _home(services)
     errors: list[XdsError] = []
     ours: list[ImagingDocumentRequest] = []
@@ -59,11 +111,26 @@ def retrieve_local_imaging(services: Services, request: ImagingRequest, spool: P
             ours.append(doc)
         else:
             errors.append(problem)
+    local, shares = (remote_imaging_shares(services, request, ours) if ctx is not None
+                     else (ours, []))
+    remote = None
+    if shares:
+        assert ctx is not None
+        remote = in_background(lambda: fetch_shares(
+            services, ctx, shares, action=Action.RAD69, transaction="RAD-69",
+            spool=spool / "remote", what="imaging document source"))
     documents: list[RetrievedDocument] = []
-    if ours:
-        documents, local_errors = retrieve_request(
-            services, replace(request, documents=tuple(ours)), spool, transaction="RAD-75")
-        errors.extend(local_errors)
+    try:
+        if local:
+            documents, local_errors = retrieve_request(
+                services, replace(request, documents=tuple(local)), spool, transaction="RAD-75")
+            errors.extend(local_errors)
+    finally:
+        if remote is not None:  # never leave the remote calls writing to a removed spool
+            remote_documents, remote_errors = remote.result()
+    if remote is not None:
+        documents.extend(remote_documents)
+        errors.extend(remote_errors)
     documents = [replace(d, home_community_id=home) for d in documents]
     errors = located(errors, home)
     status = status_for(errors, partial_possible=True, any_success=bool(documents))
@@ -78,7 +145,7 @@ def cross_gateway_retrieve_imaging(services: Services, ctx: RequestContext,
     spool = ctx.spool_dir / "rad75"
     try:
         request = parse_request(body)
-        status, documents, errors = retrieve_local_imaging(services, request, spool)
+        status, documents, errors = retrieve_local_imaging(services, request, spool, ctx)
     except XdsFailure as failure:
         status, documents, errors = ResponseStatus.FAILURE, [], located(failure.errors, home)
     except Exception as exc:  # an error value, never a trace to the edge

@@ -5,7 +5,10 @@ B and C hold documents (submitted with ITI-41); A's [[communities]] also lists D
 port (down), and S, a local HTTPS server that accepts and then says nothing (slow). Patient
 ids differ per community: C knows our patient under another id (A's cross-reference maps it),
 and D and S are only asked for the patients their cross-reference lists, so each case below
-chooses who is asked by the patient it queries for.
+chooses who is asked by the patient it queries for. A fourth gateway ("small") initiates to B
+and C with [registry] max_results = 3, for XDSTooManyResults on the merged answer. The merged
+answers carry A's own patient id (C's translated back) and are paged by startIndex /
+maxResults.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from gateway.demo import (
     start_gateway,
 )
 from gateway.ebrim import build
-from gateway.ebrim.metadata import slot_value, unique_id
+from gateway.ebrim.metadata import patient_id, slot_value, unique_id
 from gateway.ebrim.model import (
     AdhocQuery,
     AdhocQueryResponse,
@@ -65,6 +68,9 @@ HB = "urn:oid:1.3.6.1.4.1.21367.2017.2.6.102"
 HC = "urn:oid:1.3.6.1.4.1.21367.2017.2.6.103"
 HD = "urn:oid:1.3.6.1.4.1.21367.2017.2.6.104"  # down: nothing listens
 HS = "urn:oid:1.3.6.1.4.1.21367.2017.2.6.105"  # slow: accepts, never answers in time
+HA_SMALL = "urn:oid:1.3.6.1.4.1.21367.2017.2.6.106"  # initiates, [registry] max_results = 3
+SMALL_LIMIT = 3
+PATIENT_ONLY_IN_C = f"XCA-0009^^^&{AUTHORITY}&ISO"  # the small gateway's id of C's patient
 PATIENT = f"XCA-0001^^^&{AUTHORITY}&ISO"  # A's and B's id of the patient
 PATIENT_IN_C = f"C-0042^^^&{AUTHORITY}&ISO"  # C's id of the same patient
 PATIENT_DOWN = f"XCA-0002^^^&{AUTHORITY}&ISO"  # D's cross-reference lists only this one
@@ -149,13 +155,15 @@ class Federation:
     slow: SlowServer
     workdir: Path
     b_url: str
+    c_url: str
+    small: SoapClient  # an initiating gateway to B and C whose answers hold at most 3 objects
 
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
     root = tmp_path_factory.mktemp("xca")
     pki = create_dev_pki(root / "pki")
-    pa, pb, pc, pd = (free_port() for _ in range(4))
+    pa, pb, pc, pd, ps = (free_port() for _ in range(5))
     slow = SlowServer(pki)
     running = []
     clients: list[SoapClient] = []
@@ -184,6 +192,15 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
                  + community(HS, slow.port, {PATIENT_SLOW: PATIENT_SLOW}))
         cfg_a = community_config(root / "a", pki, pa, HA, extra)
         running.append(start_gateway(cfg_a, pki, pa))
+        cfg_small = community_config(root / "small", pki, ps, HA_SMALL,
+                                     community(HB, pb) + community(
+                                         HC, pc, {PATIENT: PATIENT_IN_C,
+                                                  PATIENT_ONLY_IN_C: PATIENT_IN_C}))
+        text = cfg_small.read_text()
+        assert "\n[registry]\n" in text
+        cfg_small.write_text(text.replace("\n[registry]\n",
+                                          f"\n[registry]\nmax_results = {SMALL_LIMIT}\n"))
+        running.append(start_gateway(cfg_small, pki, ps))
 
         def client(port: int) -> SoapClient:
             c = SoapClient(f"https://localhost:{port}", ca_bundle=pki.ca_cert,
@@ -194,19 +211,23 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
         b_docs = submit(client(pb), root / "docs-b", PATIENT, "2")
         c_docs = submit(client(pc), root / "docs-c", PATIENT_IN_C, "3")
         yield Federation(pki, client(pa), b_docs, c_docs, slow, root,
-                         f"https://localhost:{pb}/xca/responding")
+                         f"https://localhost:{pb}/xca/responding",
+                         f"https://localhost:{pc}/xca/responding", client(ps))
     finally:
         shut_down(clients, slow, *running)
 
 
-def find(fed: Federation, patient: str
+def find(fed: Federation, patient: str, *, start_index: int = 0, max_results: int = -1,
+         via: SoapClient | None = None
          ) -> tuple[list[ExtrinsicObject], AdhocQueryResponse, float]:
     query = AdhocQuery(query_id=StoredQuery.FIND_DOCUMENTS, parameters=(
         Slot("$XDSDocumentEntryPatientId", (f"'{patient}'",)),
         Slot("$XDSDocumentEntryStatus", ("('urn:oasis:names:tc:ebxml-regrep:StatusType:"
-                                         "Approved')",))))
+                                         "Approved')",))),
+        start_index=start_index, max_results=max_results)
     t0 = time.monotonic()
-    reply = fed.a.call("/xca/initiating", Action.ITI18, render_adhoc_query_request(query))
+    reply = (via or fed.a).call("/xca/initiating", Action.ITI18,
+                                render_adhoc_query_request(query))
     elapsed = time.monotonic() - t0
     assert reply.body is not None, etree.tostring(reply.envelope)
     resp = parse_adhoc_query_response(reply.body)
@@ -224,6 +245,76 @@ def test_find_documents_fans_out_and_merges_with_homes(federation: Federation) -
     expected = {**{u: HB for u in federation.b_docs}, **{u: HC for u in federation.c_docs}}
     assert homes_by_uid(entries) == expected
     assert federation.slow.hits[0] == 0  # S's cross-reference does not list this patient
+
+
+def test_the_consumer_sees_its_own_patient_id_in_merged_results(
+        federation: Federation) -> None:
+    entries, resp, _ = find(federation, PATIENT)
+    assert resp.status == ResponseStatus.SUCCESS, resp.errors
+    assert {e.home for e in entries} == {HB, HC}
+    assert {unique_id(e): patient_id(e) for e in entries} == {
+        u: PATIENT for u in [*federation.b_docs, *federation.c_docs]}
+    # C itself still holds them under its own id, and their sourcePatientId is C's source's
+    c_own = direct_find(federation, federation.c_url, PATIENT_IN_C)
+    assert {unique_id(e): patient_id(e) for e in c_own} == {
+        u: PATIENT_IN_C for u in federation.c_docs}
+    c_source = {unique_id(e): slot_value(e, "sourcePatientId") for e in c_own}
+    assert {unique_id(e): slot_value(e, "sourcePatientId") for e in entries
+            if e.home == HC} == c_source
+    # C maps three of our ids to one of its own: the answer names the one we asked with
+    entries, _, _ = find(federation, PATIENT_DOWN)
+    assert {patient_id(e) for e in entries} == {PATIENT_DOWN}
+
+
+def direct_find(fed: Federation, url: str, patient: str) -> list[ExtrinsicObject]:
+    """ITI-38 straight to a responding gateway (no initiating gateway in between)."""
+    pool = OutboundPool(OutboundSettings(fed.pki.server_cert, fed.pki.server_key,
+                                         fed.pki.ca_cert, 2.0))
+    try:
+        reply = pool.call(url, Action.ITI38, render_adhoc_query_request(AdhocQuery(
+            query_id=StoredQuery.FIND_DOCUMENTS, parameters=(
+                Slot("$XDSDocumentEntryPatientId", (f"'{patient}'",)),
+                Slot("$XDSDocumentEntryStatus",
+                     ("('urn:oasis:names:tc:ebxml-regrep:StatusType:Approved')",))))),
+            read_timeout=10)
+    finally:
+        pool.close()
+    assert reply.body is not None
+    return [o for o in parse_adhoc_query_response(reply.body).objects
+            if isinstance(o, ExtrinsicObject)]
+
+
+def test_merged_results_are_paged_by_the_initiating_gateway(federation: Federation) -> None:
+    everything, _, _ = find(federation, PATIENT)
+    total = len(federation.b_docs) + len(federation.c_docs)
+    assert len(everything) == total == 4
+    pages = []
+    for start in range(0, total, 3):
+        entries, resp, _ = find(federation, PATIENT, start_index=start, max_results=3)
+        assert resp.status == ResponseStatus.SUCCESS
+        assert (resp.start_index, resp.total_result_count) == (start, total)
+        pages.append([unique_id(e) for e in entries])
+    assert [len(p) for p in pages] == [3, 1]
+    assert [u for p in pages for u in p] == [unique_id(e) for e in everything]
+    entries, resp, _ = find(federation, PATIENT, start_index=1, max_results=2)
+    assert [unique_id(e) for e in entries] == [unique_id(e) for e in everything[1:3]]
+
+
+def test_too_many_merged_results_and_paging_under_the_limit(federation: Federation) -> None:
+    # B and C answer 2 objects each (each alone under the limit of 3): 4 together is too many
+    entries, resp, _ = find(federation, PATIENT, via=federation.small)
+    assert resp.status == ResponseStatus.FAILURE
+    assert [e.code for e in resp.errors] == [ErrorCode.TOO_MANY_RESULTS]
+    assert entries == []
+    # a page does not get round the limit: it bounds the whole answer
+    entries, resp, _ = find(federation, PATIENT, via=federation.small, max_results=1)
+    assert [e.code for e in resp.errors] == [ErrorCode.TOO_MANY_RESULTS]
+    # a patient only C has documents for (2 objects) is under it, and pages as usual
+    entries, resp, _ = find(federation, PATIENT_ONLY_IN_C, via=federation.small,
+                            start_index=1, max_results=5)
+    assert resp.status == ResponseStatus.SUCCESS, resp.errors
+    assert (len(entries), resp.start_index, resp.total_result_count) == (1, 1, 2)
+    assert [(e.home, patient_id(e)) for e in entries] == [(HC, PATIENT_ONLY_IN_C)]
 
 
 def test_a_community_that_is_down_gives_partial_success(federation: Federation) -> None:

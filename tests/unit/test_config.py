@@ -20,6 +20,7 @@ from gateway.config import (
     ConfigError,
     GatewayConfig,
     RemoteCommunity,
+    RemoteSource,
     from_dict,
     load,
 )
@@ -138,6 +139,8 @@ def test_every_key_in_the_example_is_a_field_and_every_field_is_documented() -> 
     expected = {name: {f.name for f in dataclasses.fields(cls)}
                 for name, cls in _SECTIONS.items()}
     expected["communities"] = {f.name for f in dataclasses.fields(RemoteCommunity)}
+    for array in ("repositories", "imaging_sources"):
+        expected[array] = {f.name for f in dataclasses.fields(RemoteSource)}
     undocumented = {f"[{section}] {key}" for section, keys in expected.items()
                     for key in keys - documented.get(section, set())}
     stale = {f"[{section}] {key}" for section, keys in documented.items()
@@ -149,18 +152,42 @@ def test_every_key_in_the_example_is_a_field_and_every_field_is_documented() -> 
 def test_commented_out_example_keys_load_when_uncommented(raw: dict[str, Any],
                                                           tmp_path: Path) -> None:
     text = EXAMPLE.read_text()
-    communities = [line.lstrip("# ") for line in text.splitlines()
-                   if re.match(r"^#\s*(\[\[communities\]\]|[a-z_]+_url\s*=|"
+    blocks = _commented_arrays(text)
+    communities = [line for line in blocks["communities"]
+                   if re.match(r"^(\[\[communities\]\]|[a-z_]+_url\s*=|"
                                r"home_community_id\s*=)", line)]
     parsed = tomllib.loads("\n".join(communities))
     assert len(parsed["communities"]) == 1
     raw["communities"] = parsed["communities"]
+    for array in ("repositories", "imaging_sources"):
+        raw[array] = tomllib.loads("\n".join(blocks[array]))[array]
     raw["server"]["spool_directory"] = str(tmp_path)
     cfg = build(raw, tmp_path)
     assert cfg.server.spool_directory == tmp_path
     (remote,) = cfg.communities
     assert remote.home_community_id == REMOTE
     assert remote.imaging_retrieve_url.startswith("https://")
+    (repository,) = cfg.repositories
+    assert repository.retrieve_url.endswith("/xds/repository")
+    (source,) = cfg.imaging_sources
+    assert source.retrieve_url.endswith("/xdsi/imaging-source")
+    assert source.unique_id != cfg.community.imaging_source_unique_id
+
+
+def _commented_arrays(text: str) -> dict[str, list[str]]:
+    """Array-of-tables name -> the commented-out lines of its example block, uncommented."""
+    blocks: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        body = line.lstrip("# ").rstrip()
+        header = re.match(r"^\[\[([a-z_]+)\]\]$", body)
+        if line.startswith("#") and header:
+            current = blocks.setdefault(header.group(1), [])
+        elif not line.startswith("#") or not body:
+            current = None
+        if current is not None:
+            current.append(body)
+    return blocks
 
 
 # --- per-section rules: (section, key, bad value, label that must start the message) -------
@@ -202,6 +229,9 @@ BAD_VALUES: list[tuple[str, str, Any]] = [
     ("community", "home_community_id", "1.3.6.1.4.1.21367.2017.2.6.19"),  # no urn:oid:
     ("community", "home_community_id", "urn:oid:1.3.6.01"),  # leading zero
     ("community", "home_community_id", "urn:uuid:1.3.6.1"),
+    ("community", "registry_url", "http://registry.example.org/xds/registry"),
+    ("community", "registry_url", "registry.example.org"),
+    ("community", "registry_url", 5),
     ("community", "repository_unique_id", "urn:oid:1.3.6.1"),  # a bare OID expected
     ("community", "repository_unique_id", "1.3.6.1.04"),
     ("community", "repository_unique_id", "3.1.2"),  # first arc 0, 1 or 2
@@ -570,6 +600,78 @@ def test_communities_must_be_an_array_of_tables(raw: dict[str, Any], tmp_path: P
     expect_error(raw, tmp_path, "[[communities]]:")
     raw["communities"] = ["urn:oid:1.2.3"]
     expect_error(raw, tmp_path, "[[communities]] #1: expected a table")
+
+
+# --- [[repositories]], [[imaging_sources]]: the Responding Gateways' remote backends -------
+
+REPO_ID = "1.3.6.1.4.1.21367.2017.2.3.31"
+SOURCE_ID = "1.3.6.1.4.1.21367.2017.2.3.32"
+
+
+def test_remote_backends_load_in_order(raw: dict[str, Any], tmp_path: Path) -> None:
+    raw["community"]["registry_url"] = "https://registry.example.org/xds/registry"
+    raw["repositories"] = [
+        {"unique_id": REPO_ID, "retrieve_url": "https://r1.example.org/xds/repository"},
+        {"unique_id": REPO_ID + "1", "retrieve_url": "https://r2.example.org/xds/repository"}]
+    raw["imaging_sources"] = [
+        {"unique_id": SOURCE_ID, "retrieve_url": "https://i.example.org/xdsi/imaging-source"}]
+    cfg = build(raw, tmp_path)
+    assert cfg.community.registry_url == "https://registry.example.org/xds/registry"
+    assert [(r.unique_id, r.retrieve_url) for r in cfg.repositories] == [
+        (REPO_ID, "https://r1.example.org/xds/repository"),
+        (REPO_ID + "1", "https://r2.example.org/xds/repository")]
+    assert cfg.imaging_sources == (
+        RemoteSource(SOURCE_ID, "https://i.example.org/xdsi/imaging-source"),)
+
+
+def test_remote_backends_default_to_none(raw: dict[str, Any], tmp_path: Path) -> None:
+    cfg = build(raw, tmp_path)
+    assert cfg.community.registry_url == ""
+    assert cfg.repositories == () and cfg.imaging_sources == ()
+
+
+def _source(unique_id: Any = REPO_ID, retrieve_url: Any = "https://r.example.org/x"
+            ) -> dict[str, Any]:
+    return {"unique_id": unique_id, "retrieve_url": retrieve_url}
+
+
+@pytest.mark.parametrize("array", ["repositories", "imaging_sources"])
+@pytest.mark.parametrize(("entry", "message"), [
+    (_source("urn:oid:1.3.6.1"), "unique_id: not an OID"),
+    (_source("1.3.6.01"), "unique_id: not an OID"),
+    (_source(7), "unique_id: expected a string"),
+    (_source(retrieve_url="http://r.example.org/x"), "retrieve_url: expected an https:// URL"),
+    (_source(retrieve_url="https://"), "retrieve_url: expected an https:// URL"),
+    (_source(retrieve_url=""), "retrieve_url: expected an https:// URL"),
+    ({"unique_id": REPO_ID}, "retrieve_url: required"),
+    ({"retrieve_url": "https://r.example.org/x"}, "unique_id: required"),
+    ({**_source(), "url": "https://r.example.org/"}, "url: unknown key"),
+])
+def test_bad_remote_backend_names_its_key(raw: dict[str, Any], tmp_path: Path, array: str,
+                                          entry: dict[str, Any], message: str) -> None:
+    raw[array] = [_source(SOURCE_ID + "9"), entry]
+    expect_error(raw, tmp_path, f"[[{array}]] #2 {message}")
+
+
+@pytest.mark.parametrize(("array", "own_key"), [
+    ("repositories", "repository_unique_id"),
+    ("imaging_sources", "imaging_source_unique_id")])
+def test_remote_backend_ids_are_unique_and_not_our_own(raw: dict[str, Any], tmp_path: Path,
+                                                       array: str, own_key: str) -> None:
+    raw[array] = [_source(), _source(retrieve_url="https://other.example.org/x")]
+    expect_error(raw, tmp_path, f"[[{array}]] #2 unique_id: listed twice")
+    raw[array] = [_source(raw["community"][own_key])]
+    message = expect_error(raw, tmp_path, f"[[{array}]] #1 unique_id:")
+    assert own_key in message
+
+
+@pytest.mark.parametrize("array", ["repositories", "imaging_sources"])
+def test_remote_backends_must_be_an_array_of_tables(raw: dict[str, Any], tmp_path: Path,
+                                                   array: str) -> None:
+    raw[array] = _source()
+    expect_error(raw, tmp_path, f"[[{array}]]: expected an array of tables")
+    raw[array] = [REPO_ID]
+    expect_error(raw, tmp_path, f"[[{array}]] #1: expected a table")
 
 
 def test_the_loaded_configuration_is_frozen(raw: dict[str, Any], tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -170,6 +170,32 @@ def test_find_documents_stamps_home_on_every_object(env: Env) -> None:
     assert doc.entry_uuid in {o.get("id") for o in listed}
     for obj in listed:
         assert obj.get("home") == HOME, etree.tostring(obj)[:200]
+
+
+def test_find_documents_pages_with_start_index_and_max_results(env: Env) -> None:
+    pid = env.docs[0].patient_id
+    resp, whole = _query(env, _find(pid, return_type="ObjectRef"))
+    assert resp.get("totalResultCount") is None  # not paged: answered as before
+    ids = [o.get("id") for o in resp.find(q(RIM, "RegistryObjectList"))]
+    pages: list[str | None] = []
+    for start in range(0, len(ids) + 1):
+        page_resp, parsed = _query(env, replace(_find(pid, return_type="ObjectRef"),
+                                                start_index=start, max_results=1))
+        assert parsed.status == ResponseStatus.SUCCESS
+        assert page_resp.get("startIndex") == str(start)
+        assert page_resp.get("totalResultCount") == str(len(ids))
+        listed = page_resp.find(q(RIM, "RegistryObjectList"))
+        pages.extend(o.get("id") for o in (listed if listed is not None else []))
+        for obj in (listed if listed is not None else []):
+            assert obj.get("home") == HOME
+    assert pages == ids and whole.status == ResponseStatus.SUCCESS
+
+
+def test_bad_paging_is_a_registry_error_at_our_home(env: Env) -> None:
+    resp, parsed = _query(env, replace(_find(env.docs[0].patient_id), start_index=-1))
+    assert parsed.status == ResponseStatus.FAILURE
+    assert [e.code for e in parsed.errors] == [ErrorCode.REGISTRY_ERROR]
+    assert _locations(resp) == {HOME}
 
 
 def test_get_all_stamps_packages_and_associations(env: Env) -> None:

@@ -3,7 +3,8 @@
 `find(pacs, level, keys, return_keys=...)` sends one query and returns the matches as pydicom
 Datasets. Keys are DICOM keywords; a list value is a UID list match (values joined with "\\").
 Every key is also a return key; `return_keys` adds more (universal matching). Errors are
-`PacsError`.
+`PacsError`. With `[pacs] dimse_engine = "builtin"` (the default) the query runs over
+gateway.dicom.cfind instead of pynetdicom.
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ def build_query(level: str, keys: Mapping[str, str | list[str]],
 def find(pacs: PacsConfig, level: str, keys: Mapping[str, str | list[str]], *,
          return_keys: Sequence[str] = (), timeout: float = 30) -> list[Dataset]:
     query = build_query(level, keys, return_keys)
+    if getattr(pacs, "dimse_engine", "builtin") == "builtin":
+        from gateway.dicom.cfind import run_c_find
+
+        return run_c_find(pacs, query, timeout)
     model = StudyRootQueryRetrieveInformationModelFind
     assoc = associate(pacs, [build_context(model)], timeout)
     results: list[Dataset] = []

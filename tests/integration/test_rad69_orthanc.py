@@ -392,3 +392,34 @@ def test_pacs_fails_mid_study(mode: str, gateway_for: GatewayFactory,
     failed = {e.location for e in response.errors}
     assert failed == {sop for _st, _se, sop in docs} - got
     assert {e.code for e in response.errors} == {Wado.PROCESSING_FAILURE}, response.errors
+
+
+def test_dimse_engines_agree_and_report_progress(orthanc: OrthancFixture, small_study,  # type: ignore[no-untyped-def]
+                                                 tmp_path: Path) -> None:
+    """retrieve() through the process pool with both C-GET engines: the same files, byte for
+    byte (the data sets as the PACS sent them, as the loaded originals), and on_received
+    called in this thread once per instance, each file in place when reported (that it comes
+    before the job ends: tests/unit/test_dicom_cget.py)."""
+    from gateway.config import PacsConfig
+    from gateway.dicom.retrieve import InstanceRef, Received, retrieve
+
+    docs, originals = small_study
+    refs = [InstanceRef(st, se, sop, "1.2.840.10008.5.1.4.1.1.2") for st, se, sop in docs]
+    files: dict[str, dict[str, bytes]] = {}
+    for engine in ("builtin", "pynetdicom"):
+        pacs = PacsConfig(port=orthanc.dicom_port, dimse_engine=engine, timeout_seconds=10)
+        calls: list[tuple[str, int, bool]] = []
+
+        def on_received(rec: Received, calls: list[tuple[str, int, bool]] = calls) -> None:
+            calls.append((rec.sop_instance_uid, threading.get_ident(), rec.path.is_file()))
+
+        spool = tmp_path / engine
+        outcome = retrieve(pacs, refs, [EXPLICIT_LE], spool, associations=2, timeout=10,
+                           on_received=on_received)
+        assert outcome.error is None and not outcome.missing
+        assert sorted(c[0] for c in calls) == sorted(outcome.received)  # each once
+        assert {c[1] for c in calls} == {threading.get_ident()} and all(c[2] for c in calls)
+        files[engine] = {uid: r.path.read_bytes() for uid, r in outcome.received.items()}
+        for uid, rec in outcome.received.items():
+            assert dataset_bytes(rec.path) == dataset_bytes(originals[uid])
+    assert files["builtin"] == files["pynetdicom"]

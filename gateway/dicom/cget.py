@@ -1,0 +1,338 @@
+"""The built-in C-GET SCU (`[pacs] dimse_engine = "builtin"`): one association, one C-GET
+per series, and a tight receive loop that streams each C-STORE-RQ data set straight into a
+spool file.
+
+`run_c_get(pacs, instances, transfer_syntaxes, spool, timeout, on_stored)` proposes the Q/R
+Get model plus one presentation context per (SOP class, transfer syntax) with SCP role
+selection, sends a C-GET-RQ per series and answers every C-STORE-RQ: a data set of an instance
+we asked for is written as it arrives, fragment by fragment, behind the same Part 10 header
+pynetdicom writes (preamble, file meta of the command's SOP class/instance and the context's
+transfer syntax), and renamed into place as `<uid>.dcm` on its last fragment (then
+`on_stored(uid, path, transfer syntax, size)` and C-STORE-RSP 0x0000); an instance we did not
+ask for is discarded and refused (0xA900). A group whose final C-GET status is a failure is
+retried instance by instance, as the pynetdicom engine does. Nothing of an instance is held in
+memory."""
+
+from __future__ import annotations
+
+import os
+import struct
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+from pydicom import Dataset
+
+from gateway.config import PacsConfig
+from gateway.dicom.errors import PacsError
+from gateway.dicom.ul import command as dimse
+from gateway.dicom.ul import pdu
+from gateway.dicom.ul.link import Link, open_link
+from gateway.dicom.ul.pdu import PduError, ProposedContext
+
+if TYPE_CHECKING:
+    from gateway.dicom.retrieve import InstanceRef
+
+GET_MODEL = "1.2.840.10008.5.1.4.1.2.2.3"  # Study Root Q/R Information Model - GET
+IMPLICIT_LE = "1.2.840.10008.1.2"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+PENDING = frozenset({0xFF00, 0xFF01})
+WRITE_BUFFER = 1 << 18
+
+OnStored = Callable[[str, Path, str, int], None]
+
+
+def _even(raw: bytes, pad: bytes) -> bytes:
+    return raw + pad if len(raw) % 2 else raw
+
+
+def file_meta_header(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
+    """Preamble, 'DICM' and the file meta group, byte for byte as pynetdicom's chunked
+    receive writes them (pydicom's write_file_meta_info of its create_file_meta)."""
+    from gateway.dicom.ul.link import _implementation
+
+    impl_uid, impl_version = _implementation()
+    elements: list[tuple[int, bytes, bytes]] = [(0x0001, b"OB", b"\x00\x01")]
+    for el, uid in ((0x0002, sop_class), (0x0003, sop_instance), (0x0010, transfer_syntax),
+                    (0x0012, impl_uid)):
+        elements.append((el, b"UI", _even(uid.encode("ascii"), b"\x00")))
+    elements.append((0x0013, b"SH", _even(impl_version.encode("ascii"), b" ")))
+    body = b""
+    for el, vr, value in elements:
+        if vr == b"OB":
+            body += struct.pack("<HH", 2, el) + vr + b"\x00\x00" + struct.pack("<I", len(value))
+        else:
+            body += struct.pack("<HH", 2, el) + vr + struct.pack("<H", len(value))
+        body += value
+    return (b"\x00" * 128 + b"DICM" + struct.pack("<HH", 2, 0) + b"UL"
+            + struct.pack("<HI", 4, len(body)) + body)
+
+
+def _safe_name(uid: str) -> str:
+    from gateway.dicom.retrieve import _safe_name as safe
+
+    return safe(uid)
+
+
+def _identifier(study: str, series: str, uids: Sequence[str], transfer_syntax: str) -> bytes:
+    from pynetdicom.dsutils import encode
+
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "IMAGE"
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = series
+    ds.SOPInstanceUID = list(uids) if len(uids) > 1 else uids[0]
+    raw = encode(ds, transfer_syntax == IMPLICIT_LE, True)
+    if raw is None:
+        raise PacsError("failed", "cannot encode the C-GET identifier")
+    return raw
+
+
+class _Store:
+    """The C-STORE-RQ being received: its command and where its data set goes."""
+
+    __slots__ = (
+        "context_id",
+        "message_id",
+        "out",
+        "sop_class",
+        "sop_uid",
+        "status",
+        "tmp",
+        "transfer_syntax",
+    )
+
+    def __init__(self, message_id: int, context_id: int, sop_class: str, sop_uid: str,
+                 transfer_syntax: str, tmp: Path | None, out: BinaryIO | None, status: int):
+        self.message_id, self.context_id = message_id, context_id
+        self.sop_class, self.sop_uid, self.transfer_syntax = sop_class, sop_uid, transfer_syntax
+        self.tmp, self.out, self.status = tmp, out, status
+
+
+class CGetSession:
+    """C-GETs over one established `Link`; see the module docstring."""
+
+    def __init__(self, link: Link, get_context: int, spool: Path, wanted: set[str],
+                 on_stored: OnStored):
+        self.link = link
+        self.get_context = get_context
+        self.get_syntax = link.accepted.contexts[get_context]
+        self.spool = spool
+        self.wanted = wanted
+        self.on_stored = on_stored
+        self.stored: set[str] = set()
+        self._message_id = 0
+        self._store: _Store | None = None
+        self._rsp_data = False  # a C-GET-RSP data set (failed instance list) follows
+        self._final: int | None = None
+        self._rsp_status: int | None = None
+        self._command_buf = bytearray()  # command fragments so far (may span PDUs)
+
+    # -- one C-GET -----------------------------------------------------------------------
+    def get(self, study: str, series: str, uids: Sequence[str]) -> int:
+        """Send one C-GET-RQ and receive until its final response; returns its status."""
+        self._message_id = self._message_id % 0xFFFF + 1
+        self._final = None
+        link = self.link
+        with link.guard("C-GET"):
+            link.send_message(self.get_context, dimse.c_get_rq(self._message_id, GET_MODEL),
+                              _identifier(study, series, uids, self.get_syntax))
+            try:
+                while self._final is None:
+                    pdu_type, length = link.pdu_header()
+                    if pdu_type == pdu.P_DATA_TF:
+                        self._p_data(length)
+                    elif pdu_type == pdu.A_ABORT:
+                        why = pdu.describe_abort(link.read(length))
+                        link.close()
+                        raise PacsError("aborted", "the PACS aborted the association during "
+                                                   f"C-GET ({why})")
+                    elif pdu_type == pdu.A_RELEASE_RQ:
+                        link.copy(length, None)
+                        link.send(pdu.encode_release_rp())
+                        link.close()
+                        raise PacsError("aborted", "the association ended during C-GET")
+                    else:
+                        raise PduError(f"unexpected PDU type 0x{pdu_type:02X} during C-GET")
+            finally:
+                self._drop_partial()
+        return self._final
+
+    def _drop_partial(self) -> None:
+        store, self._store = self._store, None
+        if store is not None and store.out is not None:
+            store.out.close()
+            if store.tmp is not None:
+                store.tmp.unlink(missing_ok=True)
+
+    def _p_data(self, length: int) -> None:
+        link = self.link
+        remaining = length
+        header = pdu.PDV_HEADER
+        command = self._command_buf
+        while remaining:
+            if remaining < 6:
+                raise PduError("P-DATA-TF PDU ends inside a PDV header")
+            item_length, context_id, mch = header.unpack(link.read(6))
+            if item_length < 2 or item_length + 4 > remaining:
+                raise PduError("PDV length does not fit its PDU")
+            remaining -= 4 + item_length
+            n = item_length - 2
+            if mch & 1:
+                if len(command) + n > dimse.MAX_COMMAND_SET:
+                    raise PduError("command set too long")
+                command += link.read(n)
+                if mch & 2:
+                    raw = bytes(command)
+                    command.clear()
+                    self._command(raw, context_id)
+            else:
+                store = self._store
+                if store is not None:
+                    if context_id != store.context_id:
+                        raise PduError("data set fragment on another presentation context")
+                    link.copy(n, store.out)
+                    if mch & 2:
+                        self._stored(store)
+                elif self._rsp_data:
+                    link.copy(n, None)
+                    if mch & 2:
+                        self._rsp_data = False
+                        self._final = self._rsp_status
+                else:
+                    raise PduError("data set fragment without a command")
+
+    def _command(self, raw: bytes, context_id: int) -> None:
+        if self._store is not None or self._rsp_data:
+            raise PduError("command set before the previous data set ended")
+        cmd = dimse.decode(raw)
+        field = dimse.us(cmd, dimse.COMMAND_FIELD)
+        has_data = dimse.us(cmd, dimse.DATA_SET_TYPE) != dimse.NO_DATA_SET
+        if field == dimse.C_STORE_RQ:
+            self._begin_store(cmd, context_id, has_data)
+        elif field == dimse.C_GET_RSP:
+            if dimse.us(cmd, dimse.RESPONDED_TO) != self._message_id:
+                raise PduError("C-GET-RSP to another message")
+            status = dimse.us(cmd, dimse.STATUS)
+            if status in PENDING:
+                if has_data:
+                    self._rsp_status, self._rsp_data = None, True
+                return
+            if has_data:
+                self._rsp_status, self._rsp_data = status, True
+            else:
+                self._final = status
+        else:
+            raise PduError(f"unexpected DIMSE command 0x{field:04X} during C-GET")
+
+    def _begin_store(self, cmd: dict[int, bytes], context_id: int, has_data: bool) -> None:
+        message_id = dimse.us(cmd, dimse.MESSAGE_ID)
+        sop_class = dimse.ui(cmd, dimse.AFFECTED_SOP_CLASS)
+        sop_uid = dimse.ui(cmd, dimse.AFFECTED_SOP_INSTANCE)
+        syntax = self.link.accepted.contexts.get(context_id)
+        if syntax is None or context_id == self.get_context:
+            raise PduError("C-STORE-RQ on a presentation context not accepted for storage")
+        if not has_data:
+            self._respond(context_id, message_id, sop_class, sop_uid, 0xC000)
+            return
+        if sop_uid not in self.wanted or sop_uid in self.stored:
+            self._store = _Store(message_id, context_id, sop_class, sop_uid, syntax,
+                                 None, None, 0xA900)
+            return
+        tmp = self.spool / f".{uuid.uuid4().hex}.part"
+        out = open(tmp, "wb", buffering=WRITE_BUFFER)
+        try:
+            out.write(file_meta_header(sop_class, sop_uid, syntax))
+        except BaseException:
+            out.close()
+            tmp.unlink(missing_ok=True)
+            raise
+        self._store = _Store(message_id, context_id, sop_class, sop_uid, syntax, tmp, out,
+                             0x0000)
+
+    def _stored(self, store: _Store) -> None:
+        self._store = None
+        if store.out is not None and store.tmp is not None:
+            store.out.close()
+            target = self.spool / f"{_safe_name(store.sop_uid)}.dcm"
+            os.replace(store.tmp, target)
+            self.stored.add(store.sop_uid)
+            self.on_stored(store.sop_uid, target, store.transfer_syntax,
+                           target.stat().st_size)
+        self._respond(store.context_id, store.message_id, store.sop_class, store.sop_uid,
+                      store.status)
+
+    def _respond(self, context_id: int, message_id: int, sop_class: str, sop_uid: str,
+                 status: int) -> None:
+        self.link.send_message(context_id,
+                               dimse.c_store_rsp(message_id, sop_class, sop_uid, status))
+
+
+def _check_final(status: int) -> None:
+    if status in (0x0000, 0xB000):
+        return
+    if status == 0xFE00:
+        raise PacsError("failed", "C-GET cancelled by the PACS")
+    raise PacsError("failed", f"C-GET failed with status 0x{status:04X}")
+
+
+def _get_group(session: CGetSession, study: str, series: str, uids: list[str],
+               failed: dict[str, str]) -> None:
+    """One C-GET for instances of one series; a failure status for the whole group is
+    retried instance by instance (one instance the PACS cannot convert fails the group)."""
+    try:
+        _check_final(session.get(study, series, uids))
+    except PacsError as exc:
+        if exc.kind != "failed":
+            raise
+        rest = [u for u in uids if u not in session.stored]
+        if len(uids) > 1 and len(rest) <= 64:
+            for uid in rest:
+                _get_group(session, study, series, [uid], failed)
+        else:
+            for uid in rest:
+                failed[uid] = exc.message
+
+
+def proposed_contexts(sop_classes: Sequence[str], transfer_syntaxes: Sequence[str]
+                      ) -> list[ProposedContext]:
+    """The Get model (id 1) then one context per (SOP class, transfer syntax)."""
+    out = [ProposedContext(1, GET_MODEL, (IMPLICIT_LE, EXPLICIT_LE))]
+    for cls in sop_classes:
+        for ts in transfer_syntaxes:
+            out.append(ProposedContext(len(out) * 2 + 1, cls, (ts,)))
+    if len(out) > 128:
+        raise ValueError("more than 128 presentation contexts")
+    return out
+
+
+def run_c_get(pacs: PacsConfig, instances: Sequence[InstanceRef],
+              transfer_syntaxes: Sequence[str], spool: Path, timeout: float,
+              on_stored: OnStored, *, deadline: float | None = None
+              ) -> tuple[dict[str, str], PacsError | None]:
+    """Fetch `instances` over one association; returns (failed uid -> reason, the
+    association-level error if any). Each received instance is reported to `on_stored`.
+    `deadline` (monotonic) bounds the whole exchange, beyond the per-read `timeout`."""
+    failed: dict[str, str] = {}
+    classes = sorted({i.sop_class_uid for i in instances})
+    contexts = proposed_contexts(classes, transfer_syntaxes)
+    groups: dict[tuple[str, str], list[str]] = {}
+    for i in instances:
+        groups.setdefault((i.study_uid, i.series_uid), []).append(i.sop_instance_uid)
+    try:
+        link = open_link(pacs, contexts, timeout, scp_roles=classes)
+        link.deadline = deadline
+        try:
+            if 1 not in link.accepted.contexts:
+                raise PacsError("rejected", "the PACS did not accept the Q/R Get model")
+            session = CGetSession(link, 1, spool, {i.sop_instance_uid for i in instances},
+                                  on_stored)
+            for (study, series), uids in groups.items():
+                _get_group(session, study, series, uids, failed)
+        finally:
+            if not link.closed:
+                link.release()
+    except PacsError as exc:
+        return failed, exc
+    return failed, None

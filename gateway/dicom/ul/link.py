@@ -1,0 +1,216 @@
+"""One association as an SCU over a plain TCP or DICOM TLS socket, without pynetdicom's DUL
+thread: connect, A-ASSOCIATE-RQ and its answer, then bounded reads of PDU headers and bodies
+(`read`, `copy` streams a body slice into a file chunk by chunk), sends, A-RELEASE and
+A-ABORT. Every socket wait is bounded by the association's timeout, and every failure becomes
+a `PacsError` with the same kinds and wording as gateway.dicom.association."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import socket
+import ssl
+import time
+from collections.abc import Iterator, Sequence
+from typing import BinaryIO, cast
+
+from gateway.config import PacsConfig
+from gateway.dicom.association import _server_name, _tls_diagnose, tls_context
+from gateway.dicom.errors import PacsError
+from gateway.dicom.ul import pdu
+from gateway.dicom.ul.pdu import AcceptedAssociation, PduError, ProposedContext
+
+# The largest P-DATA-TF PDU we accept (advertised in A-ASSOCIATE-RQ): bodies are streamed in
+# CHUNK pieces, so this bounds nothing in memory; a PDU that claims more is a broken peer.
+MAX_PDU_LENGTH = 1 << 20
+# Other PDUs (A-ASSOCIATE-AC with 128 contexts and role items is a few kB) are read whole.
+MAX_CONTROL_PDU = 1 << 18
+READ_BUFFER = 1 << 18
+CHUNK = 1 << 18
+
+
+def _implementation() -> tuple[str, str]:
+    from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+
+    return str(PYNETDICOM_IMPLEMENTATION_UID), PYNETDICOM_IMPLEMENTATION_VERSION
+
+
+class Link:
+    """An established association: `accepted` says which contexts the PACS took."""
+
+    def __init__(self, sock: socket.socket, where: str, timeout: float):
+        self.sock = sock
+        self.where = where
+        self.timeout = timeout
+        self.accepted = AcceptedAssociation({}, 0)
+        self._in = cast(io.BufferedReader, sock.makefile("rb", buffering=READ_BUFFER))
+        self._buf = bytearray(CHUNK)
+        self._view = memoryview(self._buf)
+        self.closed = False
+        # Monotonic time after which the next PDU is not waited for (a peer that trickles
+        # bytes just fast enough never trips the per-read timeout); None: no bound.
+        self.deadline: float | None = None
+
+    # -- receiving ---------------------------------------------------------------------
+    def read(self, n: int) -> bytes:
+        data = self._in.read(n)
+        if len(data) != n:
+            raise ConnectionResetError("connection closed by the PACS")
+        return data
+
+    def pdu_header(self) -> tuple[int, int]:
+        """The next PDU's type and length, checked (unknown type, oversized: PduError)."""
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise TimeoutError("operation deadline passed")
+        pdu_type, length = pdu.PDU_HEADER.unpack(self.read(6))
+        if pdu_type not in pdu.PDU_TYPES:
+            raise PduError(f"unknown PDU type 0x{pdu_type:02X}")
+        limit = MAX_PDU_LENGTH if pdu_type == pdu.P_DATA_TF else MAX_CONTROL_PDU
+        if length > limit:
+            raise PduError(f"PDU of {length} bytes (type 0x{pdu_type:02X}) exceeds {limit}")
+        return pdu_type, length
+
+    def copy(self, n: int, out: BinaryIO | None) -> None:
+        """Stream the next `n` bytes into `out` (None: discard), CHUNK bytes at a time."""
+        view, readinto = self._view, self._in.readinto
+        while n:
+            k = n if n < CHUNK else CHUNK
+            part = view[:k]
+            if readinto(part) != k:
+                raise ConnectionResetError("connection closed by the PACS")
+            if out is not None:
+                out.write(part)
+            n -= k
+
+    # -- sending -----------------------------------------------------------------------
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def send_message(self, context_id: int, command: bytes, data_set: bytes | None = None
+                     ) -> None:
+        """One DIMSE message (command set, then data set if any), fragmented to the PACS's
+        maximum PDU length."""
+        peer_max = self.accepted.max_pdu_length
+        parts = list(pdu.encode_p_data(context_id, command, command=True,
+                                       max_pdu_length=peer_max))
+        if data_set is not None:
+            parts += pdu.encode_p_data(context_id, data_set, command=False,
+                                       max_pdu_length=peer_max)
+        self.sock.sendall(b"".join(parts))
+
+    # -- ending ------------------------------------------------------------------------
+    def release(self) -> None:
+        """A-RELEASE-RQ and wait (bounded) for A-RELEASE-RP; never raises (the work is
+        done by then), and closes the socket."""
+        try:
+            self.send(pdu.encode_release_rq())
+            while True:
+                pdu_type, length = self.pdu_header()
+                self.copy(length, None)
+                if pdu_type in (pdu.A_RELEASE_RP, pdu.A_ABORT):
+                    break
+                if pdu_type == pdu.A_RELEASE_RQ:  # release collision: answer it
+                    self.send(pdu.encode_release_rp())
+        except (OSError, PduError, ValueError):
+            pass
+        self.close()
+
+    def abort(self) -> None:
+        """A-ABORT (best effort) and close."""
+        if not self.closed:
+            with contextlib.suppress(OSError, ValueError):
+                self.sock.settimeout(1)
+                self.send(pdu.encode_abort())
+        self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(OSError):
+            self._in.close()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    @contextlib.contextmanager
+    def guard(self, what: str) -> Iterator[None]:
+        """Turn socket and protocol failures inside the block into PacsError (and abort)."""
+        try:
+            yield
+        except PacsError:
+            self.abort()
+            raise
+        except PduError as exc:
+            self.abort()
+            raise PacsError("aborted", f"protocol error from the PACS during {what}: {exc}"
+                            ) from None
+        except TimeoutError:
+            self.abort()
+            raise PacsError("timeout", f"no data from the PACS within {self.timeout:.0f} s "
+                                       f"during {what}") from None
+        except (OSError, ValueError) as exc:  # ValueError: I/O on a closed file
+            self.close()
+            raise PacsError("aborted", f"the association ended during {what} "
+                                       f"({type(exc).__name__})") from None
+
+
+def _connect(pacs: PacsConfig, timeout: float) -> socket.socket:
+    try:
+        sock = socket.create_connection((pacs.host, pacs.port), timeout=min(timeout, 10))
+    except TimeoutError:
+        raise PacsError("timeout", f"no answer from {pacs.host}:{pacs.port} "
+                                   f"within {min(timeout, 10):.0f} s") from None
+    except OSError as exc:
+        raise PacsError("unreachable",
+                        f"cannot connect to {pacs.host}:{pacs.port}: {exc.strerror or exc}"
+                        ) from None
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.settimeout(timeout)
+    return sock
+
+
+def open_link(pacs: PacsConfig, contexts: Sequence[ProposedContext], timeout: float, *,
+              scp_roles: Sequence[str] = ()) -> Link:
+    """An established association with `pacs`, or PacsError (unreachable, rejected,
+    aborted, timeout)."""
+    where = f"{pacs.host}:{pacs.port}"
+    sock = _connect(pacs, timeout)
+    ctx = tls_context(pacs)
+    if ctx is not None:
+        try:
+            sock = ctx.wrap_socket(sock, server_hostname=_server_name(pacs))
+        except (ssl.SSLError, OSError):
+            sock.close()
+            _tls_diagnose(pacs, ctx, timeout)
+            raise PacsError("rejected", f"DICOM TLS handshake with {where} failed") from None
+    link = Link(sock, where, timeout)
+    uid, version = _implementation()
+    try:
+        with link.guard("association negotiation"):
+            link.send(pdu.encode_associate_rq(
+                pacs.called_ae_title, pacs.calling_ae_title, contexts,
+                max_pdu_length=MAX_PDU_LENGTH, implementation_uid=uid,
+                implementation_version=version, scp_roles=scp_roles))
+            pdu_type, length = link.pdu_header()
+            body = link.read(length)
+            if pdu_type == pdu.A_ASSOCIATE_AC:
+                link.accepted = pdu.decode_associate_ac(body, contexts)
+                return link
+            if pdu_type == pdu.A_ASSOCIATE_RJ:
+                why = pdu.describe_reject(body)
+                link.close()
+                raise PacsError("rejected", f"{pacs.called_ae_title} at {where} rejected "
+                                            f"the association ({why})")
+            if pdu_type == pdu.A_ABORT:
+                link.close()
+                raise PacsError("aborted", f"{pacs.called_ae_title} at {where} aborted the "
+                                           "association request")
+            raise PduError(f"unexpected PDU type 0x{pdu_type:02X} in answer to "
+                           "A-ASSOCIATE-RQ")
+    except PacsError as exc:
+        if ctx is not None and exc.kind == "aborted":  # e.g. our certificate refused (TLS 1.3)
+            _tls_diagnose(pacs, ctx, timeout)
+        if exc.kind == "aborted" and "ended during" in exc.message:
+            raise PacsError("aborted", f"{pacs.called_ae_title} at {where} aborted the "
+                                       "association request") from None
+        raise

@@ -11,7 +11,7 @@ RegistryResponse with status Failure).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -62,6 +62,23 @@ class RequestContext:
 
 
 @dataclass
+class LiveAttachments:
+    """Attachments produced while the response is being written, the body rendered last.
+
+    The edge writes each attachment `parts` yields as an MTOM part as soon as it is yielded
+    (its file complete), then calls `finish()` once `parts` is exhausted for the response
+    body, whose xop:Include hrefs name the parts already written; the root part goes last,
+    named by the multipart `start` parameter (gateway.soap.mtom.mtom_stream). `close()` is
+    called exactly once when the response ends, completed or not (client gone): it stops the
+    producer and must return only when nothing writes to the handler's files any more.
+    """
+
+    parts: Iterator[Attachment]
+    finish: Callable[[], etree._Element]
+    close: Callable[[], None] = field(default=lambda: None)
+
+
+@dataclass
 class SoapResponse:
     body: etree._Element
     # Attachments referenced from `body` by <xop:Include href="cid:..."/>; only the edge reads
@@ -69,6 +86,11 @@ class SoapResponse:
     attachments: tuple[Attachment, ...] = ()
     # Files or folders to delete once the response has been sent (or failed to send).
     cleanup: list[Path] = field(default_factory=list)
+    # Streamed response (MTOM, root part last): attachments written as they are produced and
+    # the body from `live.finish()`. `attachments` is then empty, and `body` is only the
+    # fallback written as the root when `finish()` fails. Its audit record is written when
+    # the body is known (or the response is abandoned), not when the handler returns.
+    live: LiveAttachments | None = None
 
 
 Handler = Callable[["Services", RequestContext, etree._Element], SoapResponse]

@@ -6,13 +6,31 @@ into the request's spool folder (gateway.dicom.retrieve) -> RetrieveDocumentSetR
 one DocumentResponse per instance, its Part 10 file as an MTOM attachment, streamed by the edge
 from the spool file; the spool folder is removed after the response (SoapResponse.cleanup).
 
-The response starts only once the retrieve has ended. Its root part must come first (zeep,
-with the official XDS-I.b WSDL, takes the first MIME part as the envelope whatever `start`
-says: tests/unit/test_rad69_part_order.py), and the root carries the RegistryResponse status
-and the list of DocumentResponses, which are known only when every instance has arrived or
-failed; streaming attachments ahead of a root written last would not be readable by such
-clients, and writing the root first from the C-FIND plan would misreport instances that then
-fail. The throughput work is therefore in the retrieve (gateway.dicom.retrieve).
+Two response orders (`[pacs] response_order`):
+
+- "root-first" (default): the response starts once the retrieve has ended, root XML part
+  first. zeep, with the official XDS-I.b WSDL, takes the first MIME part as the envelope
+  whatever `start` says (tests/unit/test_rad69_part_order.py), and the root carries the
+  RegistryResponse status and the list of DocumentResponses, which are known only when every
+  instance has arrived or failed; writing the root first from the C-FIND plan would misreport
+  instances that then fail. Readable by every MTOM client; the response (about 0.4 s per
+  250 MB on loopback) comes after the retrieve, never overlapping it.
+- "root-last": the response starts as soon as C-FIND has resolved the request. Each instance
+  is written as an attachment part the moment the retrieve places it in the spool folder
+  (`retrieve(on_received=...)`, run in a thread of this request), in arrival order, with
+  Content-IDs doc0, doc1, ... in that order; the root part goes last, with the exact status,
+  errors and DocumentResponses (same order as the parts) once everything is known: an
+  instance that fails after streaming began is just an error in the root. This is MTOM to
+  the letter: the multipart `start` parameter names the root (RFC 2387 section 3.2: "the
+  content-ID of the compound object's root"; only without `start` is the first part the
+  root), and XOP 1.0 section 4.1 says that, except for determining the root part as RFC 2387
+  specifies, the order of MIME parts MUST NOT be significant. The length is unknown, so the
+  HTTP response is chunked. The trade-off: clients that ignore `start` and take the first
+  part as the envelope (zeep 4; some other stacks) cannot read it, and the HTTP status is 200
+  even when every instance then fails (the status is in the root, as always for XDS). Our
+  own client (gateway.soap.client) finds the root by `start`. A client that goes away
+  mid-stream ends the response: the retrieve runs to its end (bounded by the PACS timeouts),
+  then the spool folder is removed and the audit record written (outcome 8).
 
 Each instance is returned as the PACS sent it (the dataset bytes untouched, behind a file meta
 header) and only in one of the requested transfer syntaxes; the gateway never converts pixel
@@ -24,8 +42,13 @@ PartialSuccess, all failing Failure.
 from __future__ import annotations
 
 import logging
+import queue
+import shutil
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 from pydicom.uid import AllTransferSyntaxes
@@ -38,13 +61,18 @@ from gateway.imaging.plan import Resolution, resolve
 from gateway.imaging.request import ImagingDocumentRequest, ImagingRequest, Wado, parse_request
 from gateway.ns import ErrorCode, ResponseStatus
 from gateway.services import Services
-from gateway.transactions import Attachment, RequestContext, SoapResponse
+from gateway.transactions import Attachment, LiveAttachments, RequestContext, SoapResponse
+
+if TYPE_CHECKING:
+    from gateway.dicom.retrieve import Received, RetrieveOutcome
 
 log = logging.getLogger(__name__)
 
 MIME_DICOM = "application/dicom"
 CONTENT_ID_DOMAIN = "imaging-source.xdsi-gateway"
 KNOWN_SYNTAXES = frozenset(str(u) for u in AllTransferSyntaxes)
+ROOT_FIRST = "root-first"
+ROOT_LAST = "root-last"
 
 
 def _doc_error(code: str, context: str, doc: ImagingDocumentRequest) -> XdsError:
@@ -91,6 +119,11 @@ def _response(status: str, documents: list[RetrievedDocument], errors: list[XdsE
     return SoapResponse(body=body, attachments=attachments, cleanup=cleanup)
 
 
+def response_order(services: Services) -> str:
+    """`[pacs] response_order` ("root-first" when absent)."""
+    return str(getattr(services.config.pacs, "response_order", ROOT_FIRST) or ROOT_FIRST)
+
+
 def retrieve_imaging_document_set(services: Services, ctx: RequestContext,
                                   body: etree._Element) -> SoapResponse:
     try:
@@ -98,9 +131,26 @@ def retrieve_imaging_document_set(services: Services, ctx: RequestContext,
     except XdsFailure as failure:
         return _response(ResponseStatus.FAILURE, [], list(failure.errors), [])
     spool = ctx.spool_dir / "rad69"
+    if response_order(services) == ROOT_LAST:
+        return live_response(services, request, spool)
     documents, errors = retrieve_request(services, request, spool)
     status = status_for(errors, partial_possible=True, any_success=bool(documents))
     return _response(status, documents, errors, [spool])
+
+
+def _resolve(services: Services, candidates: list[ImagingDocumentRequest], errors: list[XdsError],
+             transaction: str) -> Resolution:
+    """C-FIND for `candidates`; its errors (and a failed C-FIND's) go into `errors`."""
+    try:
+        resolution = resolve(services.config.pacs, candidates)
+    except PacsError as exc:
+        log.warning("%s: C-FIND failed: %s", transaction, exc)
+        errors.extend(_doc_error(ErrorCode.REPOSITORY_ERROR,
+                                 f"the PACS could not be queried: {exc}", d)
+                      for d in candidates)
+        resolution = Resolution()
+    errors.extend(resolution.errors)
+    return resolution
 
 
 def retrieve_request(services: Services, request: ImagingRequest, spool: Path, *,
@@ -113,15 +163,7 @@ def retrieve_request(services: Services, request: ImagingRequest, spool: Path, *
     documents: list[RetrievedDocument] = []
     if candidates:
         started = time.monotonic()
-        try:
-            resolution = resolve(services.config.pacs, candidates)
-        except PacsError as exc:
-            log.warning("%s: C-FIND failed: %s", transaction, exc)
-            errors.extend(_doc_error(ErrorCode.REPOSITORY_ERROR,
-                                     f"the PACS could not be queried: {exc}", d)
-                          for d in candidates)
-            resolution = Resolution()
-        errors.extend(resolution.errors)
+        resolution = _resolve(services, candidates, errors, transaction)
         found_at = time.monotonic()
         if resolution.found:
             documents, retrieve_errors = fetch(services, resolution, syntaxes, spool)
@@ -130,6 +172,173 @@ def retrieve_request(services: Services, request: ImagingRequest, spool: Path, *
                  transaction, len(request.documents), len(resolution.found),
                  found_at - started, len(documents), time.monotonic() - found_at)
     return documents, errors
+
+
+def live_response(services: Services, request: ImagingRequest, spool: Path) -> SoapResponse:
+    """RAD-69 with the root part last (module docstring): checks and C-FIND now, then a
+    `SoapResponse.live` whose parts are the instances as the retrieve places them in
+    `spool`. Without anything to retrieve, the plain response (nothing to stream)."""
+    candidates, errors, syntaxes = check_documents(services, request)
+    if not candidates:
+        status = status_for(errors, partial_possible=True, any_success=False)
+        return _response(status, [], errors, [spool])
+    started = time.monotonic()
+    resolution = _resolve(services, candidates, errors, "RAD-69")
+    if not resolution.found:
+        status = status_for(errors, partial_possible=True, any_success=False)
+        return _response(status, [], errors, [spool])
+    log.info("RAD-69: %d requested, %d found by C-FIND in %.2f s; streaming",
+             len(request.documents), len(resolution.found), time.monotonic() - started)
+    stream = LiveRetrieve(services, resolution, syntaxes, spool, errors)
+    fallback = render_retrieve_document_set_response(
+        ResponseStatus.FAILURE, [],
+        [XdsError(ErrorCode.REPOSITORY_ERROR, "the gateway could not complete the response")],
+        content_id_for=lambda _d: "")
+    return SoapResponse(body=fallback, cleanup=[spool],
+                        live=LiveAttachments(stream.parts(), stream.finish, stream.close))
+
+
+_END = object()
+
+
+class LiveRetrieve:
+    """One root-last RAD-69: the retrieve runs in a thread; `parts()` yields each instance
+    as the retrieve reports it (`on_received`, called in that thread, feeds a queue that can
+    never hold more than one entry per instance, so it never blocks the retrieve), `finish()`
+    renders the root from what was sent and what failed, `close()` waits for the retrieve to
+    end (so that nothing writes into the spool folder when the edge removes it)."""
+
+    def __init__(self, services: Services, resolution: Resolution,
+                 syntaxes: tuple[str, ...], spool: Path, errors: list[XdsError]):
+        pacs = services.config.pacs
+        self._pacs = pacs
+        self._found = list(resolution.found)
+        self._by_uid = {ref.sop_instance_uid: doc for ref, doc in self._found}
+        self._syntaxes = syntaxes
+        self._spool = spool
+        self._errors = list(errors)  # from the checks and C-FIND
+        # Unbounded type, bounded in fact: at most one report per instance, plus _END.
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._sent: list[RetrievedDocument] = []
+        self._seen: set[str] = set()
+        self._wrong_syntax: dict[str, str] = {}
+        self._outcome: RetrieveOutcome | None = None
+        self._failure: str | None = None
+        self._abandoned = threading.Event()
+        # The retrieve's own whole-request bound (gateway.dicom.retrieve), plus a margin.
+        self._bound = float(pacs.timeout_seconds) * 4 + 30 + 15
+        self._started = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="rad69-retrieve", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from gateway.dicom.retrieve import retrieve
+
+        try:
+            self._outcome = retrieve(
+                self._pacs, [ref for ref, _doc in self._found], self._syntaxes, self._spool,
+                method=self._pacs.retrieve, associations=self._pacs.associations,
+                timeout=self._pacs.timeout_seconds, on_received=self._queue.put)
+            if self._outcome.error is not None:
+                log.warning("RAD-69: retrieve from the PACS incomplete: %s",
+                            self._outcome.error)
+        except Exception as exc:
+            log.warning("RAD-69: retrieve from the PACS failed: %s", type(exc).__name__)
+            log.debug("retrieve failure", exc_info=True)
+            self._failure = str(exc) or type(exc).__name__
+        finally:
+            self._queue.put(_END)
+            if self._abandoned.is_set():  # the response is gone: nobody else may be left
+                shutil.rmtree(self._spool, ignore_errors=True)
+
+    def _accept(self, got: Received) -> Attachment | None:
+        uid = got.sop_instance_uid
+        doc = self._by_uid.get(uid)
+        if doc is None or uid in self._seen:
+            return None
+        self._seen.add(uid)
+        if got.transfer_syntax not in self._syntaxes:
+            got.path.unlink(missing_ok=True)
+            self._wrong_syntax[uid] = got.transfer_syntax
+            return None
+        content_id = f"doc{len(self._sent)}@{CONTENT_ID_DOMAIN}"
+        self._sent.append(RetrievedDocument(
+            repository_unique_id=doc.repository_unique_id,
+            document_unique_id=doc.document_unique_id, mime_type=MIME_DICOM,
+            path=got.path, size=got.size, home_community_id=doc.home_community_id))
+        return Attachment(content_id, got.path, got.size, MIME_DICOM)
+
+    def parts(self) -> Iterator[Attachment]:
+        """The instances in arrival order, each as soon as its file is complete."""
+        deadline = self._started + self._bound
+        while True:
+            try:
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self._failure = self._failure or "the retrieve did not end in time"
+                log.warning("RAD-69: the retrieve did not end within %.0f s", self._bound)
+                return
+            if item is _END:
+                break
+            att = self._accept(item)
+            if att is not None:
+                yield att
+        if self._outcome is not None:  # anything the retrieve did not report (it should)
+            for ref, _doc in self._found:
+                got = self._outcome.received.get(ref.sop_instance_uid)
+                if got is not None:
+                    att = self._accept(got)
+                    if att is not None:
+                        yield att
+
+    def finish(self) -> etree._Element:
+        """The root: status, errors (those known before the retrieve first), and one
+        DocumentResponse per part sent, in the order of the parts."""
+        errors = list(self._errors)
+        outcome = self._outcome
+        for ref, doc in self._found:
+            uid = ref.sop_instance_uid
+            if uid in self._seen and uid not in self._wrong_syntax:
+                continue
+            errors.append(_retrieve_error(doc, self._wrong_syntax.get(uid), self._failure,
+                                          outcome, self._syntaxes))
+        documents = self._sent
+        status = status_for(errors, partial_possible=True, any_success=bool(documents))
+        content_ids = {id(d): f"doc{i}@{CONTENT_ID_DOMAIN}" for i, d in enumerate(documents)}
+        log.info("RAD-69: %d of %d streamed, the root after %.2f s", len(documents),
+                 len(self._found), time.monotonic() - self._started)
+        return render_retrieve_document_set_response(
+            status, documents, errors, content_id_for=lambda d: content_ids[id(d)])
+
+    def close(self) -> None:
+        """The response has ended (or the client went away): let the retrieve finish, bounded,
+        before the edge removes the spool folder."""
+        self._abandoned.set()
+        self._thread.join(max(0.0, self._started + self._bound - time.monotonic()))
+        if self._thread.is_alive():
+            log.warning("RAD-69: the retrieve is still running after the response ended; "
+                        "its spool folder is removed when it ends")
+
+
+def _retrieve_error(doc: ImagingDocumentRequest, wrong_syntax: str | None,
+                    failure: str | None, outcome: RetrieveOutcome | None,
+                    syntaxes: tuple[str, ...]) -> XdsError:
+    """The error of a found instance that is not returned."""
+    if wrong_syntax is not None:
+        return _doc_error(
+            Wado.TS_NOT_PROVIDED,
+            f"the PACS holds this instance in {wrong_syntax}, not in a requested "
+            "transfer syntax", doc)
+    if failure is not None:
+        return _doc_error(Wado.PROCESSING_FAILURE, f"retrieve from the PACS failed: {failure}",
+                          doc)
+    if outcome is not None and outcome.error is not None and outcome.error.kind != "failed":
+        return _doc_error(Wado.PROCESSING_FAILURE,
+                          f"retrieve from the PACS failed: {outcome.error}", doc)
+    return _doc_error(
+        Wado.TS_NOT_PROVIDED,
+        "the PACS could not provide this instance in a requested transfer syntax ("
+        + ", ".join(syntaxes) + ")", doc)
 
 
 def fetch(services: Services, resolution: Resolution, syntaxes: tuple[str, ...],
@@ -154,16 +363,6 @@ def fetch(services: Services, resolution: Resolution, syntaxes: tuple[str, ...],
             continue
         if got is not None:
             got.path.unlink(missing_ok=True)
-            errors.append(_doc_error(
-                Wado.TS_NOT_PROVIDED,
-                f"the PACS holds this instance in {got.transfer_syntax}, not in a requested "
-                "transfer syntax", doc))
-        elif outcome.error is not None and outcome.error.kind != "failed":
-            errors.append(_doc_error(Wado.PROCESSING_FAILURE,
-                                     f"retrieve from the PACS failed: {outcome.error}", doc))
-        else:
-            errors.append(_doc_error(
-                Wado.TS_NOT_PROVIDED,
-                "the PACS could not provide this instance in a requested transfer syntax ("
-                + ", ".join(syntaxes) + ")", doc))
+        errors.append(_retrieve_error(doc, got.transfer_syntax if got is not None else None,
+                                      None, outcome, syntaxes))
     return documents, errors

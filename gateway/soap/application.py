@@ -53,6 +53,7 @@ from gateway.transactions import (
     ENDPOINTS,
     Endpoint,
     Handler,
+    LiveAttachments,
     RequestContext,
     SoapResponse,
     Transaction,
@@ -67,6 +68,7 @@ StartResponse = Callable[..., Any]
 WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 REQUEST_CONTEXT_KEY = "xdsi.request_context"
+LIVE_KEY = "xdsi.live_response"  # environ: the audited SoapResponse.live, closed with the response
 
 ENDPOINT_KEY = "xdsi.endpoint"  # environ: the path of the endpoint being called
 DEFAULT_MAX_ENVELOPE_BYTES = 64 * 1024 * 1024
@@ -223,7 +225,15 @@ class SoapEdge:
                            [("Content-Type", soap_content_type(FAULT_ACTION)),
                             ("Content-Length", str(len(data)))], sys.exc_info())
             return [data]
-        return ClosingIterable(result, ex.close)
+        def close() -> None:
+            live = environ.get(LIVE_KEY)
+            try:
+                if isinstance(live, LiveAttachments):  # idempotent; normally closed by ex
+                    live.close()  # before ex.close() removes the files it writes
+            finally:
+                ex.close()
+
+        return ClosingIterable(result, close)
 
     def _handler(self, transaction: Transaction) -> Handler:
         spec = transaction.handler
@@ -254,8 +264,15 @@ class SoapEdge:
         Receiver fault or any other failure. Recording only appends to the local spool."""
         response_body: etree._Element | None = None
         outcome: int | None = None
+        deferred = False
         try:
             response = self.dispatch(environ, transaction, body)
+            if response.live is not None:  # streamed: recorded once the body is known
+                response.live = _audited_live(
+                    response.live, lambda rb, oc: self._record_audit(
+                        environ, transaction, body, rb, oc))
+                environ[LIVE_KEY] = response.live
+                deferred = True
             response_body = response.body
             return response
         except EdgeFault as fault:
@@ -265,7 +282,8 @@ class SoapEdge:
             outcome = 12
             raise
         finally:
-            self._record_audit(environ, transaction, body, response_body, outcome)
+            if not deferred:
+                self._record_audit(environ, transaction, body, response_body, outcome)
 
     def _record_audit(self, environ: dict[str, Any], transaction: Transaction,
                       body: etree._Element, response_body: etree._Element | None,
@@ -352,6 +370,45 @@ class SoapEdge:
                 SoapFaultCode.RECEIVER,
                 f"{transaction.name}: the gateway could not process the request"))
         return response
+
+
+def _audited_live(live: LiveAttachments,
+                  record: Callable[[etree._Element | None, int | None], None]
+                  ) -> LiveAttachments:
+    """`live` whose audit record is written exactly once: with the body when `finish()`
+    returns (outcome from its status), with no body and outcome 12 when `finish()` raises,
+    or with no body and outcome 8 (serious failure: the response was not delivered) when the
+    response is closed before `finish()` ran (client gone). `close()` becomes idempotent."""
+    lock = threading.Lock()
+    state = {"recorded": False, "closed": False}
+
+    def once(response_body: etree._Element | None, outcome: int | None) -> None:
+        with lock:
+            if state["recorded"]:
+                return
+            state["recorded"] = True
+        record(response_body, outcome)
+
+    def finish() -> etree._Element:
+        try:
+            body = live.finish()
+        except BaseException:
+            once(None, 12)
+            raise
+        once(body, None)
+        return body
+
+    def close() -> None:
+        with lock:
+            if state["closed"]:
+                return
+            state["closed"] = True
+        try:
+            live.close()
+        finally:
+            once(None, 8)
+
+    return LiveAttachments(live.parts, finish, close)
 
 
 def make_app(services: Any, *, endpoints: Sequence[Endpoint] | None = None,

@@ -3,7 +3,9 @@
 Used by the demo, the benchmarks and (later) the initiating gateways. Requests with
 attachments are sent as MTOM streamed from files with an exact Content-Length; MTOM responses
 are stream-parsed with their attachments spooled to files, so neither direction holds a
-document in memory.
+document in memory. The root part of a response is the one the multipart `start` parameter
+names, wherever it comes: a RAD-69 answered root-last (`[pacs] response_order`, chunked,
+the root after every instance) reads like one answered root-first.
 """
 
 from __future__ import annotations

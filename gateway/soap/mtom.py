@@ -10,7 +10,9 @@ once the response iterable is closed. Malformed or oversized requests are answer
 SOAP 1.2 fault.
 
 Outbound, `mtom_response()` frames an envelope and attachment files as multipart/related with
-an exact Content-Length, and streams the files from disk in chunks.
+an exact Content-Length, and streams the files from disk in chunks; `mtom_stream()` frames
+attachments as they are produced and the envelope last (root named by `start`, no length:
+the response is chunked), for handlers that return `SoapResponse.live`.
 """
 
 from __future__ import annotations
@@ -40,10 +42,12 @@ from gateway.transactions import Attachment
 __all__ = [
     "ROOT_CONTENT_ID",
     "AttachmentMap",
+    "LiveMtomResponse",
     "MtomMiddleware",
     "MtomResponse",
     "MultipartError",
     "mtom_response",
+    "mtom_stream",
     "parse_multipart",
     "resolve_cid",
 ]
@@ -158,6 +162,99 @@ def mtom_response(envelope: bytes, attachments: Sequence[Attachment], *,
         head += trailer
         trailer = b""
     return ctype, total, MtomResponse(head, parts, trailer, chunk_size, on_close)
+
+
+def _boundary_safe_root(root: bytes, boundary: bytes) -> bytes:
+    """`root` (XML written after the boundary was chosen) without the boundary in it: every
+    occurrence gets its "_" as a character reference, the same XML. The boundary holds 128
+    random bits, so this is for completeness only."""
+    if boundary not in root:
+        return root
+    return root.replace(boundary, boundary.replace(b"_", b"&#95;"))
+
+
+class LiveMtomResponse:
+    """The body of a streamed MTOM message: each attachment as it is produced, the root part
+    last (see `mtom_stream`). Iterate once; `close()` closes the producer and runs
+    `on_close` exactly once."""
+
+    def __init__(self, boundary: bytes, parts: Iterator[Attachment],
+                 root: Callable[[], bytes], fallback_root: bytes | None, chunk_size: int,
+                 on_close: Callable[[], None] | None = None):
+        self._dash = b"--" + boundary
+        self._parts = parts
+        self._root = root
+        self._fallback = fallback_root
+        self._chunk = chunk_size
+        self._on_close = on_close
+        self._closed = False
+        self.parts_written = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        dash = self._dash
+        pending = b""  # the previous part's CRLF, folded into the next header
+        for att in self._parts:
+            size = att.path.stat().st_size
+            pending += dash + b"\r\n" + _part_header(
+                _header_safe(att.content_type or "application/octet-stream", "content type"),
+                _header_safe(att.content_id, "content id"))
+            # The small header goes as its own write: cheaper than copying it in front of
+            # the first chunk of the file.
+            yield pending
+            yield from iter_file(att.path, size, self._chunk)
+            pending = b"\r\n"
+            self.parts_written += 1
+        try:
+            root = self._root()
+        except Exception as exc:
+            if self._fallback is None:
+                raise
+            log.error("the streamed response's root part could not be written: %s",
+                      type(exc).__name__)
+            log.debug("root part failure", exc_info=True)
+            root = self._fallback
+        root = _boundary_safe_root(root, dash[2:])
+        yield (pending + dash + b"\r\n"
+               + _part_header('application/xop+xml; charset=UTF-8; type="application/soap+xml"',
+                              ROOT_CONTENT_ID)
+               + root + b"\r\n" + dash + b"--\r\n")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            close = getattr(self._parts, "close", None)
+            if close is not None:
+                close()
+        finally:
+            if self._on_close is not None:
+                self._on_close()
+
+
+def mtom_stream(parts: Iterator[Attachment], root: Callable[[], bytes], *,
+                fallback_root: bytes | None = None, soap_action: str | None = None,
+                chunk_size: int = DEFAULT_CHUNK, on_close: Callable[[], None] | None = None,
+                ) -> tuple[str, LiveMtomResponse]:
+    """Frame attachments produced one by one, then the envelope `root()` returns, as MTOM
+    with the root part LAST.
+
+    Returns (Content-Type header value, body iterable); the length is unknown, so the HTTP
+    response goes out chunked. The root part is the one the `start` parameter names, which
+    is all RFC 2387 (3.2: "the content-ID of the compound object's root"; only without
+    `start` is the root the first body part) and XOP 1.0 (4.1: apart from determining the
+    root part as RFC 2387 says, the order of MIME parts MUST NOT be significant) ask of the
+    order. Clients that take the first part as the envelope whatever `start` says (zeep 4)
+    cannot read it. `root()` is called after `parts` is exhausted; when it raises,
+    `fallback_root` is written instead (or the error propagates when there is none).
+    """
+    boundary = "MIMEBoundary_" + uuid.uuid4().hex
+    ctype = (f'multipart/related; boundary="{boundary}"; type="application/xop+xml"; '
+             f'start="<{ROOT_CONTENT_ID}>"; start-info="application/soap+xml"')
+    if soap_action:
+        ctype += f'; action="{_header_safe(soap_action, "soap_action").replace(chr(34), "")}"'
+    return ctype, LiveMtomResponse(boundary.encode("ascii"), parts, root, fallback_root,
+                                   chunk_size, on_close)
 
 
 # --- Inbound --------------------------------------------------------------------------------

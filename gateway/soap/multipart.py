@@ -315,16 +315,17 @@ class _Parser:
         # The opening delimiter may start the body: a virtual CRLF before it lets one pattern
         # ("\n--" boundary) find every delimiter.
         self.buf = b"\r\n"
+        self.pos = 0  # bytes of buf before pos are consumed
         self.delim = b"\n--" + boundary
 
-    def fill(self) -> bool:
-        """Read more input into the buffer; False at the end of the input."""
+    def _read(self) -> bytes:
+        """The next block of input (b"" at its end), counted against the limits."""
         if self.eof:
-            return False
+            return b""
         want = self.chunk if self.remaining is None else min(self.chunk, self.remaining)
         if want <= 0:
             self.eof = True
-            return False
+            return b""
         try:
             data = self.stream.read(want)
         except OSError as exc:
@@ -334,18 +335,52 @@ class _Parser:
             if self.remaining:
                 raise MultipartError(
                     f"request body truncated: {self.remaining} bytes short of Content-Length")
-            return False
+            return b""
         self.total += len(data)
         if self.total > self.max_total:
             raise MultipartError(f"request body exceeds max_request_bytes ({self.max_total})",
                                  413)
         if self.remaining is not None:
             self.remaining -= len(data)
-        self.buf = self.buf + data if self.buf else data
+        return data
+
+    def fill(self) -> bool:
+        """Read more input into the buffer (dropping what was consumed before `pos`); False
+        at the end of the input. Positions relative to `pos` stay valid."""
+        data = self._read()
+        if not data:
+            return False
+        buf, pos = self.buf, self.pos
+        if pos >= len(buf):
+            self.buf = data
+        elif pos == 0:
+            self.buf = buf + data
+        else:
+            self.buf = buf[pos:] + data
+        self.pos = 0
+        return True
+
+    def _refill_part(self, sink: _Sink) -> bool:
+        """`fill()` for `read_part` once the buffer holds only a tail that may begin a
+        delimiter: when no delimiter starts in that tail or at the new block's first byte
+        (the tail plus the block's first delimiter-length bytes tell), the tail goes to
+        `sink` and the block becomes the buffer as it is, without copying it behind the
+        tail (each block of a large part would otherwise be copied once more)."""
+        data = self._read()
+        if not data:
+            return False
+        tail, pat = self.buf[self.pos:], self.delim
+        if tail and len(data) >= len(pat) and pat not in tail + data[:len(pat)]:
+            sink.write(tail)
+            self.buf = data
+        else:
+            self.buf = tail + data if tail else data
+        self.pos = 0
         return True
 
     def need(self, n: int) -> bool:
-        while len(self.buf) < n:
+        """At least `n` bytes from `pos` in the buffer; False if the input ends first."""
+        while len(self.buf) - self.pos < n:
             if not self.fill():
                 return False
         return True
@@ -354,71 +389,78 @@ class _Parser:
                   eof_reason: str = "multipart body ends without its closing boundary") -> bool:
         """Stream bytes up to the next delimiter into `sink`; consume the delimiter line.
 
-        Returns True when the delimiter was the closing one ("--boundary--").
+        Returns True when the delimiter was the closing one ("--boundary--"). The buffer is
+        consumed by moving `pos`, never by copying what follows a delimiter.
         """
         pat = self.delim
         plen = len(pat)
-        start = 0
+        rel = 0  # where to search from, relative to pos
         while True:
-            idx = self.buf.find(pat, start)
+            buf, pos = self.buf, self.pos
+            idx = buf.find(pat, pos + rel)
             if idx < 0:
                 # Keep back enough to hold a delimiter split across reads, plus its CR.
-                n = len(self.buf) - plen
-                if n > 0:
-                    sink.write(memoryview(self.buf)[:n])
-                    self.buf = self.buf[n:]
-                start = max(0, len(self.buf) - plen)
-                if not self.fill():
+                n = len(buf) - plen
+                if n > pos:
+                    sink.write(memoryview(buf)[pos:n])
+                    self.pos = n
+                rel = 0
+                if not self._refill_part(sink):
                     raise MultipartError(eof_reason)
                 continue
-            after = idx + plen
-            self.need(after + 2)
-            if self.buf[after:after + 2] == b"--":
-                closing, nxt = True, after + 2
+            r_idx = idx - pos  # positions relative to pos survive need()/fill()
+            r_after = r_idx + plen
+            self.need(r_after + 2)
+            buf, pos = self.buf, self.pos
+            after = pos + r_after
+            if buf[after:after + 2] == b"--":
+                closing, r_nxt = True, r_after + 2
             else:
-                closing, j = False, after
-                while self.need(j + 2) and self.buf[j] in _LWSP and j - after < MAX_PADDING:
-                    j += 1
-                if self.buf[j:j + 2] == b"\r\n":
-                    nxt = j + 2
-                elif self.buf[j:j + 1] == b"\n":
-                    nxt = j + 1
+                closing, rj = False, r_after
+                while (self.need(rj + 2) and self.buf[self.pos + rj] in _LWSP
+                       and rj - r_after < MAX_PADDING):
+                    rj += 1
+                buf, pos = self.buf, self.pos
+                j = pos + rj
+                if buf[j:j + 2] == b"\r\n":
+                    r_nxt = rj + 2
+                elif buf[j:j + 1] == b"\n":
+                    r_nxt = rj + 1
                 else:
                     # "--boundary" followed by something else is data, not a delimiter.
-                    start = idx + 1
+                    rel = r_idx + 1
                     continue
-            buf = self.buf
-            end = idx - 1 if idx > 0 and buf[idx - 1] == 0x0D else idx
-            if end > 0:
-                sink.write(memoryview(buf)[:end])
-            self.buf = buf[nxt:]
+            r_end = r_idx - 1 if r_idx > 0 and buf[pos + r_idx - 1] == 0x0D else r_idx
+            if r_end > 0:
+                sink.write(memoryview(buf)[pos:pos + r_end])
+            self.pos = pos + r_nxt
             return closing
 
     def read_headers(self) -> dict[str, str]:
         """Read one part's header block (up to its blank line), unfolded, names lower-case."""
-        searched = 0
+        searched = 0  # relative to pos
         while True:
-            buf = self.buf
-            if buf.startswith(b"\r\n"):
-                self.buf = buf[2:]
+            buf, pos = self.buf, self.pos
+            if buf.startswith(b"\r\n", pos):
+                self.pos = pos + 2
                 return {}
-            if buf.startswith(b"\n"):
-                self.buf = buf[1:]
+            if buf.startswith(b"\n", pos):
+                self.pos = pos + 1
                 return {}
-            window = MAX_HEADER_BLOCK + 3
+            window = pos + MAX_HEADER_BLOCK + 3
             ends = [(i, len(sep)) for sep in (b"\n\r\n", b"\n\n")
-                    if (i := buf.find(sep, searched, window)) >= 0]
+                    if (i := buf.find(sep, pos + searched, window)) >= 0]
             if ends:
                 i, seplen = min(ends)
-                if i + 1 > MAX_HEADER_BLOCK:
+                if i + 1 - pos > MAX_HEADER_BLOCK:
                     raise MultipartError(
                         f"a MIME part header block exceeds {MAX_HEADER_BLOCK} bytes")
-                block = buf[:i + 1]
-                self.buf = buf[i + seplen:]
+                block = buf[pos:i + 1]
+                self.pos = i + seplen
                 return _parse_header_block(block)
-            if len(buf) > MAX_HEADER_BLOCK:
+            if len(buf) - pos > MAX_HEADER_BLOCK:
                 raise MultipartError(f"a MIME part header block exceeds {MAX_HEADER_BLOCK} bytes")
-            searched = max(0, len(buf) - 3)
+            searched = max(0, len(buf) - pos - 3)
             if not self.fill():
                 raise MultipartError("multipart body ends inside a part's headers")
 
@@ -551,9 +593,9 @@ def parse_multipart_ex(stream: Readable, content_type: str, spool_dir: Path, *,
     if content_length is not None:
         # Read (and drop) any epilogue up to Content-Length: a short body is an error, and the
         # connection is left at the end of this request.
-        parser.buf = b""
+        parser.buf, parser.pos = b"", 0
         while parser.fill():
-            parser.buf = b""
+            parser.buf, parser.pos = b"", 0
     if root is None:
         raise MultipartError(
             f"the root part <{start[:200]}> named by the start parameter is missing"

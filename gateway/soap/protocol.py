@@ -257,6 +257,9 @@ class GatewaySoap12(Soap12):
         transaction = ex.transaction
         if ctx.out_error is None and transaction is not None:
             response: SoapResponse = ctx.out_object[0]
+            if response.live is not None:
+                self._live_out_string(ctx, ex, transaction, response, data)
+                return
             if transaction.mtom_response or response.attachments:
                 try:
                     ctype, length, stream = self.mtom_writer(
@@ -279,6 +282,29 @@ class GatewaySoap12(Soap12):
                 ctx.out_string = stream
                 return
         ctx.out_string = [data]
+
+    @staticmethod
+    def _live_out_string(ctx: Any, ex: Exchange, transaction: Transaction,
+                         response: SoapResponse, fallback: bytes) -> None:
+        """A streamed MTOM response (SoapResponse.live): attachments as they come, the
+        envelope around `live.finish()` last, chunked (no Content-Length)."""
+        from gateway.soap.mtom import mtom_stream
+
+        live = response.live
+        assert live is not None
+
+        def root() -> bytes:
+            return to_bytes(response_envelope(live.finish(),
+                                              action=transaction.response_action,
+                                              relates_to=ex.message_id))
+
+        ctype, stream = mtom_stream(live.parts, root, fallback_root=fallback,
+                                    soap_action=transaction.response_action,
+                                    on_close=live.close)
+        ex.stream = stream
+        ex.content_length = None
+        ctx.transport.resp_headers["Content-Type"] = ctype
+        ctx.out_string = stream
 
     def fault_to_http_response_code(self, fault: Any) -> str:
         status = report_for(fault).fault.http_status or 500

@@ -170,6 +170,26 @@ def test_roundtrip_short_reads_split_every_marker(tmp_path: Path, seed: int) -> 
     _roundtrip(tmp_path, 1000, lambda data: Trickle(data, iter(lambda: rnd.randint(1, 9), 0)))
 
 
+def test_parser_blocks_split_delimiters_at_every_offset(tmp_path: Path) -> None:
+    """Reads of one fixed size, swept over a range, put every delimiter (and the CR before
+    it, and the near-delimiters in the data) at every offset of a read: the parser's
+    no-copy refill (a read becomes the buffer as it is) must cut parts exactly there too."""
+    data = (b"x" * 61 + b"\r\n--b0un" + b"y" * 37 + b"\r" + b"\r\n--b0undX" + b"z" * 13
+            + b"\r")
+    parts = [(root_headers(), ENVELOPE)] + [(att_headers(f"p{i}@t"), data[:i * 17 % 97])
+                                            for i in range(12)]
+    wire = build(parts)
+    for size in range(8, 90):
+        spool = tmp_path / f"s{size}"
+        spool.mkdir()
+        root, got = parse_multipart(Trickle(wire, iter(lambda size=size: size, 0)),
+                                    ctype_for(), spool, max_envelope_bytes=MB,
+                                    max_total_bytes=MB, chunk_size=size)
+        assert root == ENVELOPE, size
+        for i in range(12):
+            assert got[f"p{i}@t"].path.read_bytes() == data[:i * 17 % 97], (size, i)
+
+
 @pytest.mark.parametrize("chunk", [1, 2, 3, 5, 17, 64])
 def test_parser_tiny_chunk_sizes(tmp_path: Path, chunk: int) -> None:
     data = b"a\r\n--b0unc\r\n--b0un\r\n--b0und-x--b0und" + b"\r" * 3

@@ -1,6 +1,7 @@
-"""Why the RAD-69 response keeps its root XML part first: zeep (over the official XDS-I.b
-WSDL) takes the first MIME part as the SOAP envelope and ignores the `start` parameter, so a
-response that streams attachments before a root written last (status known only at the end)
+"""Why the RAD-69 response keeps its root XML part first by default (`[pacs] response_order =
+"root-first"`): zeep (over the official XDS-I.b WSDL) takes the first MIME part as the SOAP
+envelope and ignores the `start` parameter, so a response that streams attachments before a
+root written last (status known only at the end; "root-last", gateway.soap.mtom.mtom_stream)
 is not readable by it; our own parser finds the root by `start` either way."""
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from gateway.ebrim.xmlsafe import parse_xml
 from gateway.imaging.rad69 import _response
 from gateway.ns import Action, ResponseStatus
 from gateway.soap.envelope import response_envelope, to_bytes
-from gateway.soap.mtom import ROOT_CONTENT_ID, mtom_response
+from gateway.soap.mtom import ROOT_CONTENT_ID, mtom_response, mtom_stream
 from gateway.soap.multipart import parse_multipart
 from tests.support.zeep_client import official_client
 
@@ -91,3 +92,27 @@ def test_our_parser_finds_root_by_start(order: str, tmp_path: Path) -> None:
     assert response.status == ResponseStatus.SUCCESS
     (doc,) = response.documents
     assert attachments[doc.content_id].path.read_bytes() == PAYLOAD
+
+
+def test_root_last_as_the_gateway_streams_it(tmp_path: Path) -> None:
+    """What `response_order = "root-last"` writes (mtom_stream): zeep cannot read it, our
+    parser reads it part for part."""
+    dcm = tmp_path / "doc.dcm"
+    dcm.write_bytes(PAYLOAD)
+    doc = RetrievedDocument(SOURCE, SOP, "application/dicom", dcm, dcm.stat().st_size)
+    response = _response(ResponseStatus.SUCCESS, [doc], [], [])
+    envelope = to_bytes(response_envelope(response.body, action=Action.RAD69_RESPONSE,
+                                          relates_to="urn:uuid:0"))
+    ctype, stream = mtom_stream(iter(response.attachments), lambda: envelope)
+    data = b"".join(stream)
+    assert data.index(PAYLOAD) < data.index(ROOT_CONTENT_ID.encode())
+    with pytest.raises(TransportError, match="invalid XML"):
+        _zeep_reply(ctype, data)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    root, attachments = parse_multipart(io.BytesIO(data), ctype, spool,
+                                        max_envelope_bytes=1 << 20, max_total_bytes=1 << 24)
+    body = parse_xml(root).find("{http://www.w3.org/2003/05/soap-envelope}Body")
+    assert body is not None
+    (got,) = parse_retrieve_document_set_response(body[0]).documents
+    assert attachments[str(got.content_id)].path.read_bytes() == PAYLOAD

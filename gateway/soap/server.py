@@ -4,11 +4,14 @@ gunicorn (gthread workers: `[server] workers` processes of `threads` threads) is
 through a `BaseApplication` subclass, so no gunicorn configuration file or command line is
 read. The worker class is gateway.soap.worker's `DeadlineThreadWorker`: TLS handshake and
 request head are read in the event loop, not in a thread, within `[server]
-header_timeout_seconds`; the body must arrive within `body_timeout_seconds` plus one second
-per `min_body_rate_bytes_per_second` bytes; malloc arenas are capped and trimmed after large
-requests. TLS uses gunicorn's `ssl_context` hook, which returns `tls.server_context([tls])`: the
-gateway's own policy (TLS 1.2+, BCP195 AEAD suites, client certificates required) applies, not
-gunicorn's defaults. The application is built by `app_factory(config)` inside each worker,
+header_timeout_seconds`; the body must arrive within `body_timeout_seconds` plus one second per
+`min_body_rate_bytes_per_second` bytes; the response must be read: every send makes progress
+within `send_timeout_seconds` and the time spent waiting for the client stays within that plus
+one second per `min_send_rate_bytes_per_second` bytes sent, or the connection is reset and the
+response closed (its spool files removed); malloc arenas are capped and trimmed after large
+requests. TLS uses gunicorn's `ssl_context` hook, which returns `tls.server_context([tls])`:
+the gateway's own policy (TLS 1.2+, BCP195 AEAD suites, client certificates required) applies,
+not gunicorn's defaults. The application is built by `app_factory(config)` inside each worker,
 after the fork, so database engines, thread pools and sockets are never shared between
 processes. `ClientCertMiddleware` puts the client certificate's subject into
 `environ["xdsi.client_subject"]`.
@@ -152,11 +155,13 @@ def gunicorn_options(config: GatewayConfig, *, log_level: str | None = None) -> 
 
 
 def deadlines(config: GatewayConfig) -> Deadlines:
-    """The worker's request deadlines from `[server]`."""
+    """The worker's request and response deadlines from `[server]`."""
     s = config.server
     return Deadlines(header_timeout=float(s.header_timeout_seconds),
                      body_timeout=float(s.body_timeout_seconds),
-                     min_body_rate=float(s.min_body_rate_bytes_per_second))
+                     min_body_rate=float(s.min_body_rate_bytes_per_second),
+                     send_timeout=float(s.send_timeout_seconds),
+                     min_send_rate=float(s.min_send_rate_bytes_per_second))
 
 
 class GatewayServer(BaseApplication):

@@ -18,6 +18,18 @@ trickling a few bytes per second, hold every thread and nobody else is served.
   extended by one second per `min_body_rate` bytes received. A sender slower than that gets
   `RequestTimeout` (an OSError: the application sees a failed read) and the connection is
   closed after the request.
+- Response: every socket send goes through `SendBudget` (the connection's sockets are
+  `GuardedSocket` / `GuardedSSLSocket`, whose `sendall()` sends in slices of `SEND_SLICE`
+  bytes): each slice must be sent within `send_timeout` seconds (a client that stops reading
+  without disconnecting), and the time the response spends blocked on the client may not
+  exceed `send_timeout` plus one second per `min_send_rate` bytes sent (a client that reads at
+  a trickle). Only time blocked in a send counts, never the time the application takes to
+  produce the response (a live RAD-69 waiting for the PACS); bytes count as sent once the
+  kernel has taken them, so its socket buffers (a few MB) give a little more time at the
+  start. A slower reader gets `ResponseTimeout`: gunicorn closes the response iterable (the
+  application's cleanup runs and the request's spool folder goes), a WARNING names the peer
+  address and the byte count, the thread is free again and the connection is reset
+  (SO_LINGER 0: the unsent data is dropped, not retried against a closed window).
 - Memory: glibc gives each thread its own malloc arena and keeps an arena's high-water mark,
   so every thread would keep the peak of the largest envelope it ever parsed. Each worker
   process limits the arenas (`mallopt(M_ARENA_MAX)`) and returns free memory to the system
@@ -37,6 +49,7 @@ import logging
 import selectors
 import socket
 import ssl
+import struct
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -53,6 +66,7 @@ HEAD_END = b"\r\n\r\n"
 MAX_PARKED_HEAD = 128 * 1024  # beyond this the thread's parser reads (and refuses) the rest
 ALERT_LINGER = 0.5  # seconds to drain a refused TLS client so that it reads our alert
 STOP_LINGER = 2.0  # a stopping worker closes parked connections after this long
+SEND_SLICE = 64 * 1024  # one send: the unit of progress the send timeout bounds
 TRIM_AFTER_BYTES = 256 * 1024  # malloc_trim after a request body at least this large
 MALLOC_ARENAS = 2
 _M_ARENA_MAX = -8  # glibc malloc.h
@@ -63,6 +77,9 @@ class Deadlines:
     header_timeout: float = 10.0  # TLS handshake + request head, from the connection
     body_timeout: float = 30.0  # the body, from the end of the head ...
     min_body_rate: float = 4096.0  # ... plus 1 s per this many bytes received (0: no extension)
+    send_timeout: float = 60.0  # each response slice sent within this (0: no limit) ...
+    min_send_rate: float = 4096.0  # ... and all the time blocked on the client within this
+    # timeout plus 1 s per this many bytes sent (0: no overall bound)
 
 
 class RequestTimeout(NoMoreData, TimeoutError):
@@ -76,6 +93,119 @@ class RequestTimeout(NoMoreData, TimeoutError):
 
     def __str__(self) -> str:
         return f"the request {self.what} was not received in time"
+
+
+class ResponseTimeout(NoMoreData, TimeoutError):
+    """A send passed the response's deadline: the client does not read, or reads too slowly.
+    Handled like `RequestTimeout` by gunicorn (the connection is closed quietly)."""
+
+    def __init__(self) -> None:
+        super().__init__(b"")
+
+    def __str__(self) -> str:
+        return "the response was not read in time"
+
+
+class SendBudget:
+    """The send deadline of one connection's current response (module docstring).
+
+    `sent` bytes went out while `blocked` seconds were spent inside sends; `reset()` starts
+    the account again for the next response."""
+
+    def __init__(self, deadlines: Deadlines) -> None:
+        self.deadlines = deadlines
+        self.sent = 0
+        self.blocked = 0.0
+        self.started = time.monotonic()
+        self.expired = False
+
+    def reset(self) -> None:
+        self.sent = 0
+        self.blocked = 0.0
+        self.started = time.monotonic()
+        self.expired = False
+
+    def timeout(self) -> float | None:
+        """Seconds the next slice may take (None: no limit); `ResponseTimeout` when spent."""
+        d = self.deadlines
+        if self.expired:
+            raise ResponseTimeout()
+        if d.send_timeout <= 0:
+            return None
+        left = d.send_timeout
+        if d.min_send_rate > 0:
+            left = min(left, d.send_timeout + self.sent / d.min_send_rate - self.blocked)
+        if left <= 0:
+            self.expired = True
+            raise ResponseTimeout()
+        return left
+
+    def sendall(self, sock: socket.socket, data: Any) -> None:
+        """`sock.sendall(data)` with the budget's deadlines, through `sock.send()`."""
+        with memoryview(data) as view, view.cast("B") as octets:
+            total = len(octets)
+            done = 0
+            restore = sock.gettimeout()
+            current = restore
+            try:
+                while done < total:
+                    limit = self.timeout()
+                    if limit != current:
+                        sock.settimeout(limit)
+                        current = limit
+                    piece = octets[done:done + SEND_SLICE]
+                    start = time.monotonic()
+                    try:
+                        n = sock.send(piece)
+                    except TimeoutError:
+                        self.blocked += time.monotonic() - start
+                        self.expired = True
+                        raise ResponseTimeout() from None
+                    self.blocked += time.monotonic() - start
+                    self.sent += n
+                    done += n
+            finally:
+                if current != restore:
+                    try:
+                        sock.settimeout(restore)
+                    except OSError:
+                        pass
+
+
+class _GuardedSend:
+    """`sendall()` through the connection's `SendBudget` (when set, on a socket with a
+    blocking mode or a timeout; a non-blocking socket keeps the plain behaviour)."""
+
+    send_budget: SendBudget | None = None
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        budget = self.send_budget
+        sock: Any = self
+        if budget is None or flags or sock.gettimeout() == 0.0:
+            super().sendall(data, flags)  # type: ignore[misc]
+            return
+        budget.sendall(sock, data)
+
+
+class GuardedSocket(_GuardedSend, socket.socket):
+    """A plain TCP connection socket whose `sendall()` honours a `SendBudget`."""
+
+
+class GuardedSSLSocket(_GuardedSend, ssl.SSLSocket):
+    """A TLS connection socket whose `sendall()` honours a `SendBudget` (through
+    `SSLContext.sslsocket_class`)."""
+
+
+def abort(sock: socket.socket) -> None:
+    """Close with a reset (SO_LINGER 0): the unsent data is dropped at once."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
 
 
 class DeadlineReader:
@@ -132,8 +262,21 @@ class DeadlineConn(gthread.TConn):
         self.read_deadline: float | None = None  # for head reads in the thread
         self.body_start: float | None = None
         self.body_received = 0
-        self.timed_out: str | None = None  # "head" or "body" once a deadline passed
+        self.timed_out: str | None = None  # "head", "body" or "response" once a deadline passed
         self.reader = DeadlineReader(self)
+        self.send_budget = SendBudget(deadlines)
+        self.guard(self.sock)
+
+    def guard(self, sock: socket.socket) -> None:
+        """Send through this connection's `SendBudget` on `sock` (a guarded socket)."""
+        if isinstance(sock, _GuardedSend):
+            sock.send_budget = self.send_budget
+
+    def close(self, graceful: bool = False) -> None:
+        if self.timed_out == "response":  # nobody reads: no graceful close, no lingering
+            abort(self.sock)
+        else:
+            super().close(graceful)
 
     def remaining(self) -> float | None:
         """Seconds left for the next read (None: no deadline)."""
@@ -185,6 +328,11 @@ class DeadlineThreadWorker(gthread.ThreadWorker):
                 raise
             return
         self.nr_conns += 1
+        try:
+            client_sock = GuardedSocket(fileno=client_sock.detach())
+        except OSError:
+            self.nr_conns -= 1
+            return
         conn = DeadlineConn(self.cfg, client_sock, client_addr, listener.getsockname(),
                             self.deadlines)
         conn.stage = "new" if self.cfg.is_ssl else "head"
@@ -230,11 +378,15 @@ class DeadlineThreadWorker(gthread.ThreadWorker):
         """'read'/'write' (wait for the socket), 'ready' (head complete) or 'close'."""
         if conn.stage == "new":
             ctx = gsock.ssl_context(self.cfg)
+            # Connection sockets whose sendall() honours the send deadline (documented hook).
+            if ctx.sslsocket_class is not GuardedSSLSocket:
+                ctx.sslsocket_class = GuardedSSLSocket
             # The plain SSLContext method: a non-blocking handshake, driven from here (the
             # context's own wrap_socket would block a thread for the whole handshake).
             conn.sock = ssl.SSLContext.wrap_socket(
                 ctx, conn.sock, server_side=True, do_handshake_on_connect=False,
                 suppress_ragged_eofs=self.cfg.suppress_ragged_eofs)
+            conn.guard(conn.sock)
             conn.stage = "handshake"
         if conn.stage == "handshake":
             try:
@@ -321,6 +473,7 @@ class DeadlineThreadWorker(gthread.ThreadWorker):
         conn.data_ready = True
         conn.read_deadline = conn.park_deadline  # the rest of an oversized head, if any
         conn.body_start = None
+        conn.send_budget.reset()  # also for an error response to a bad head
         self.enqueue_req(conn)
 
     def _drop(self, conn: DeadlineConn) -> None:
@@ -351,15 +504,26 @@ class DeadlineThreadWorker(gthread.ThreadWorker):
     def handle_request(self, req: Any, conn: DeadlineConn) -> bool:
         conn.body_start = time.monotonic()
         conn.body_received = 0
+        conn.send_budget.reset()
         try:
             keepalive = bool(super().handle_request(req, conn))
+        except ResponseTimeout:
+            # gunicorn has closed the response iterable (its cleanup ran); the connection
+            # handler closes the connection quietly on this NoMoreData.
+            conn.timed_out = "response"
+            budget = conn.send_budget
+            self.log.warning("reset a connection from %s: the response was not read in time "
+                             "(%d bytes sent in %.1f s, %.1f s of it waiting for the client)",
+                             _peer(conn), budget.sent, time.monotonic() - budget.started,
+                             budget.blocked)
+            raise
         finally:
             received = conn.body_received
             conn.body_start = None
             conn.read_deadline = time.monotonic() + self.deadlines.header_timeout
             if received >= TRIM_AFTER_BYTES:
                 release_memory()
-            if conn.timed_out:
+            if conn.timed_out in ("head", "body"):
                 self.log.info("closed a connection from %s: request %s slower than the "
                               "deadline", _peer(conn), conn.timed_out)
         return keepalive and not conn.timed_out

@@ -55,3 +55,63 @@ def vm_hwm_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (all its threads; 0 if gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    import os
+
+    # after "pid (comm)": state is field 0, utime field 11, stime field 12
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _ppid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return 0
+
+
+def gateway_processes(master: int) -> dict[int, str]:
+    """The processes of a gateway started as `master`, each labelled: master, worker
+    (gunicorn), forkserver, pool (retrieve pool processes, children of the forkserver),
+    resource-tracker, or other."""
+    out: dict[int, str] = {}
+    for pid in descendants(master):
+        try:
+            text = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+                errors="replace")
+        except OSError:
+            continue
+        parent = _ppid(pid)
+        if pid == master:
+            out[pid] = "master"
+        elif "resource_tracker" in text:
+            out[pid] = "resource-tracker"
+        elif "forkserver" in text and parent != 0 and out.get(parent) == "forkserver":
+            out[pid] = "pool"
+        elif "forkserver" in text:
+            out[pid] = "forkserver"
+        elif parent == master:
+            out[pid] = "worker"
+        else:
+            out[pid] = "other"
+    return out
+
+
+class CpuMeter:
+    """CPU seconds per process of a set of processes between `start()` and `stop()`."""
+
+    def __init__(self, pids: dict[int, str]):
+        self.pids = pids
+        self.before: dict[int, float] = {}
+
+    def start(self) -> None:
+        self.before = {pid: cpu_seconds(pid) for pid in self.pids}
+
+    def stop(self) -> dict[int, float]:
+        return {pid: cpu_seconds(pid) - self.before.get(pid, 0.0) for pid in self.pids}

@@ -4,6 +4,7 @@
                                     [--retrieve c-get|c-move] [--repeat 2]
                                     [--engine builtin|pynetdicom]
                                     [--response-order root-first|root-last]
+                                    [--cpu] [--profile-client FILE]
 
 Builds a synthetic CT study (a 512x512 16-bit image cloned with new UIDs: about 0.5 MB per
 instance, 500 instances = about 256 MB), loads it into a private Orthanc, then times:
@@ -11,30 +12,74 @@ getscu (TCP_NODELAY=1, bit-preserving) fetching the study, and one RAD-69 of eve
 through a real gateway (HTTPS with mutual TLS, gunicorn workers) with the response spooled to
 disk by SoapClient. Prints the throughput ratio (gateway / getscu) and the peak RSS (VmHWM) of
 every gateway process (gunicorn master and workers, retrieve pool processes). Asserts nothing.
-With --log-level INFO the gateway logs each RAD-69's C-FIND and retrieve times.
+With --cpu, the CPU seconds (utime + stime from /proc) each process spent during each run:
+Orthanc and getscu for the getscu run; Orthanc, the gunicorn master and workers, the retrieve
+pool processes and this client for the gateway run. With --log-level INFO the gateway logs each
+RAD-69's C-FIND and retrieve times.
 
-Measured on a 2-core machine (2026-11, other work running; getscu's first run is cold and
-slower, so compare the later runs): 500 instances, 263 MB: getscu 0.43-0.60 s, gateway
-1.86-2.41 s (C-FIND 0.3 s, retrieve over 3 associations 1.0-1.3 s, MTOM response 0.5-0.8 s),
-ratio 0.22-0.33, peak RSS 83-85 MB (the largest process). 2000 instances, 1050 MB: getscu
-2.0 s, gateway 7.3 s (C-FIND 1.1 s, retrieve 4.1 s, response 2.1 s), ratio 0.28, peak RSS 94 MB.
-Those figures are pynetdicom's (--engine pynetdicom). With the built-in C-FIND/C-GET engine
-(--engine builtin, the default; same machine, runs 2-3 of 3): getscu 0.53-0.61 s, gateway
-1.12-1.20 s (C-FIND 0.13 s, retrieve 0.48-0.53 s, response about 0.5 s, not yet overlapped
-with the retrieve), ratio 0.44-0.55, peak RSS 85 MB; pynetdicom in the same session: gateway
-2.09-2.41 s (C-FIND 0.33 s, retrieve 1.25-1.37 s), ratio 0.26-0.27.
---response-order (builtin engine, same machine, 2 sessions of 3 runs alternating, MTOM
-parser without per-block copies): root-first gateway 0.98-1.16 s (response about 0.45 s after
-the retrieve, bound by SoapClient's CPU: TLS reads and one file per part), ratio 0.41-0.64;
-root-last 0.79-1.08 s (the response starts after C-FIND, the parts follow the retrieve, the
-2 cores are then busy with Orthanc, the retrieve pool, the worker and the client), ratio
-0.51-0.79; peak RSS 84-85 MB both. 2000 instances: root-first 4.27-4.33 s, root-last
-3.79-3.84 s (getscu 1.8-2.3 s), peak RSS 94-95 MB.
+History on this 2-core machine (2026-11, other work running; getscu's first run is cold):
+pynetdicom engine, 500 instances: gateway 1.86-2.41 s, ratio 0.22-0.33; the built-in engine
+(f1286bb): gateway 1.12-1.20 s, ratio 0.44-0.55; root-last (9dc6a6b): 0.79-1.08 s, ratio
+0.51-0.79.
+
+Current figures (2026-11-24, builtin engine, 3 associations, max PDU 64 KiB; another helper's
+benchmarks and tests ran at the same time, load average 2-3, so wall times are high and noisy;
+median [range] of runs 1-5, or 1-3 for 2000):
+
+| instances | order | getscu s | gateway s | ratio | peak RSS |
+| --- | --- | --- | --- | --- | --- |
+| 500, 263 MB | root-first | 0.57 [0.52-0.70] | 1.23 [1.15-1.56] | 0.45 [0.37-0.56] | 85 MB |
+| 500, 263 MB | root-last | 0.62 [0.54-0.66] | 1.09 [0.94-1.26] | 0.57 [0.52-0.60] | 83 MB |
+| 2000, 1050 MB | root-first | 2.59 [2.07-5.89] | 5.61 [5.34-7.32] | 0.46 [0.39-0.81] | 94 MB |
+| 2000, 1050 MB | root-last | 2.32 [2.03-2.35] | 4.65 [3.81-5.44] | 0.51 [0.43-0.53] | 94 MB |
+
+(the 0.81 is run 1, getscu cold at 5.89 s). In a quieter moment of the same session,
+root-last 500: gateway 0.86-1.01 s, ratio 0.59-1.01 (the high ratios against slow getscu runs
+of 0.71-0.87 s).
+
+Where the CPU goes (--cpu, 500 instances, CPU seconds per request, median of 5): getscu run:
+Orthanc 0.19-0.23, getscu 0.33. Gateway run, root-last: Orthanc 0.30, gunicorn worker 0.31,
+retrieve pool 0.40 (3 processes), client 0.53: 1.5 CPU s in about 1 s wall on 2 cores, so the
+ratio is CPU-bound. Root-first: worker 0.24, pool 0.36, client 0.53. 2000 instances: Orthanc
+1.6-1.8 (getscu run 0.7-1.1), worker 1.0 (root-first) / 1.2 (root-last), pool 0.9 / 1.6,
+client 1.9-2.9.
+
+What was measured to get there (tools: /proc CPU counters, perf, strace -c, cProfile):
+- The engine is at the kernel's floor: per 263 MB it spends 0.25-0.35 CPU s, as much as
+  getscu (0.30-0.38), about 90% in the kernel (perf): ext4 inode creation 28% (this machine's
+  ext4 has no journal, and then every create skips the inodes deleted in the last minute,
+  `recently_deleted`: with spool folders created and removed per request each create costs
+  0.1-0.3 ms), page-cache writes 12%, socket reads 10%.
+  With the bench's folders on tmpfs (TMPDIR=/dev/shm) the pool spent 0.15-0.23 s and the
+  client 0.33-0.38 s instead of 0.33-0.43 and 0.51-0.55 s.
+- Receive path (recv_into one buffer, os.write straight from it, no Python file buffer, no
+  stat, no random temp name per file): 2 mmap/munmap, 1 stat and 1 getrandom fewer per
+  instance, CPU unchanged within noise (A/B alternating: pool 0.26-0.43 s either way).
+- Max PDU length advertised (one association, 6-12 runs each, Orthanc + us): 16 KiB 0.21-0.32
+  + 0.38-0.44; 32 KiB 0.26 + 0.37; 48 KiB 0.28 + 0.36; 64 KiB 0.21-0.22 + 0.30-0.36; 96 KiB
+  0.28 + 0.36; 128 KiB 0.29 + 0.35; 1 MiB 0.28 + 0.30-0.34; unlimited 0.28 + 0.31. 64 KiB is
+  now advertised: through the gateway (A/B) Orthanc went from 0.32-0.37 to 0.28-0.34 s.
+- SO_RCVBUF 256 KiB / 2 MiB / 8 MiB set before connecting, MSG_WAITALL reads: no change.
+- Associations 1-4 (root-last, 3 runs each): 1: 1.24-1.69 s; 2: 0.89-1.67 s; 3: 1.04-1.13 s;
+  4: 0.96-1.09 s, with more CPU (pool 0.28-0.44). The default stays 3.
+- Retrieve in threads of the gunicorn worker instead of the pool: worker 0.53-0.65 s against
+  worker 0.25-0.31 + pool 0.24-0.39 s, no faster: the pool stays.
+- Orthanc's side: an IMAGE-level C-GET with a UID list costs it more than a SERIES- or
+  STUDY-level one (2000 instances, one association: 1.27-1.39 s against 0.89-0.94 and getscu's
+  0.71-0.76); the C-FIND of 2000 UIDs 0.25 s. Cutting the list into C-GETs of 50-667 UIDs
+  does not help.
+- Per-instance progress reports (root-last) cost about 0.07 CPU s per 500 instances (pool
+  pipe writes, the dispatcher and relay threads).
+- Client (SoapClient, --profile-client): about 20,000 TLS record reads per 263 MB, but reading
+  263 MB of TLS from a socket costs 0.11 CPU s however it is read (socket reads of 16 KB or
+  MemoryBIO with 1 MiB reads); its other costs are creating and writing 500 files (perf:
+  ext4 inode creation 27%, writes 22%, TCP reads 13%, Python 16%, crypto 6.5%).
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import shutil
 import sys
 import tempfile
@@ -45,7 +90,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-from bench._common import descendants, load_synthetic_study, vm_hwm_mb  # noqa: E402
+from bench._common import (  # noqa: E402
+    CpuMeter,
+    descendants,
+    gateway_processes,
+    load_synthetic_study,
+    vm_hwm_mb,
+)
 from gateway.demo import free_port, start_gateway, write_config  # noqa: E402
 from gateway.ebrim.parse import parse_retrieve_document_set_response  # noqa: E402
 from gateway.ns import Action  # noqa: E402
@@ -68,6 +119,11 @@ def main() -> None:
                     choices=["root-first", "root-last"],
                     help="[pacs] response_order: root-last streams each instance as it "
                          "arrives (read by SoapClient through `start`)")
+    ap.add_argument("--cpu", action="store_true",
+                    help="print the CPU seconds each process spent per run (Orthanc, getscu, "
+                         "gunicorn master and workers, retrieve pool, this client)")
+    ap.add_argument("--profile-client", metavar="FILE",
+                    help="cProfile the client's last RAD-69 call into FILE (pstats)")
     ap.add_argument("--log-level", default="WARNING",
                     help="the gateway's log level (INFO shows each RAD-69's C-FIND and "
                          "retrieve times)")
@@ -88,11 +144,8 @@ def main() -> None:
         config = write_config(work / "gw", pki, port, workers=args.workers)
         configure_pacs(config, port=orthanc.dicom_port, retrieve=args.retrieve,
                        move_port=move_port, associations=args.associations,
-                       timeout_seconds=60)
-        # configure_pacs appended [pacs] last: this line belongs to it
-        config.write_text(config.read_text() + f'dimse_engine = "{args.engine}"\n')
-        config.write_text(config.read_text()
-                          + f'response_order = "{args.response_order}"\n')  # [pacs] too
+                       timeout_seconds=60, dimse_engine=args.engine,
+                       response_order=args.response_order)
         if args.instances > 1000:  # [limits] max_document_requests defaults to 1000
             config.write_text(config.read_text()
                               + f"\n[limits]\nmax_document_requests = {args.instances}\n")
@@ -104,17 +157,39 @@ def main() -> None:
 
         for run in range(args.repeat):
             out = work / f"getscu-{run}"
+            meter = CpuMeter({orthanc.process.pid: "orthanc"})
+            children = resource.getrusage(resource.RUSAGE_CHILDREN)
+            meter.start()
             t = time.monotonic()
             got = getscu(orthanc.dicom_port, orthanc.aet, study, out)
             t_getscu = time.monotonic() - t
+            cpu_getscu = meter.stop()
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            getscu_cpu = (after.ru_utime + after.ru_stime
+                          - children.ru_utime - children.ru_stime)
             size_getscu = sum(p.stat().st_size for p in got)
             shutil.rmtree(out)
 
             spool = work / f"reply-{run}"
             spool.mkdir()
+            labels = gateway_processes(gateway.process.pid)
+            labels[orthanc.process.pid] = "orthanc"
+            meter = CpuMeter(labels)
+            meter.start()
+            client_cpu = time.process_time()
             t = time.monotonic()
+            profile = None
+            if args.profile_client and run == args.repeat - 1:
+                import cProfile
+                profile = cProfile.Profile()
+                profile.enable()
             reply = client.call("/xdsi/imaging-source", Action.RAD69, body, spool_dir=spool)
             t_gw = time.monotonic() - t
+            if profile is not None:
+                profile.disable()
+                profile.dump_stats(args.profile_client)
+            client_cpu = time.process_time() - client_cpu
+            cpu_gw = meter.stop()
             assert reply.body is not None
             resp = parse_retrieve_document_set_response(reply.body)
             size_gw = sum(p.stat().st_size for p in spool.iterdir())
@@ -124,6 +199,10 @@ def main() -> None:
                   f"{resp.status.rsplit(':', 1)[1]} {len(resp.documents)} documents "
                   f"{size_gw / 1e6:.0f} MB in {t_gw:.2f} s ({size_gw / 1e6 / t_gw:.0f} MB/s); "
                   f"ratio {t_getscu / t_gw:.2f}")
+            if args.cpu:
+                print(f"  cpu s, getscu run: orthanc {sum(cpu_getscu.values()):.2f}, "
+                      f"getscu {getscu_cpu:.2f}")
+                print("  cpu s, gateway run: " + _cpu_line(labels, cpu_gw, client_cpu))
         client.close()
         pids = descendants(gateway.process.pid)
         peaks = {pid: vm_hwm_mb(pid) for pid in pids}
@@ -135,6 +214,23 @@ def main() -> None:
             gateway.stop()
         orthanc.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _cpu_line(labels: dict[int, str], cpu: dict[int, float], client: float) -> str:
+    by_label: dict[str, list[float]] = {}
+    for pid, label in labels.items():
+        by_label.setdefault(label, []).append(cpu.get(pid, 0.0))
+    parts = []
+    for label in ("orthanc", "master", "worker", "forkserver", "pool", "resource-tracker",
+                  "other"):
+        values = by_label.get(label)
+        if values and sum(values) >= 0.005:
+            each = "+".join(f"{v:.2f}" for v in sorted(values, reverse=True) if v >= 0.005)
+            parts.append(f"{label} {sum(values):.2f}" + (f" ({each})" if len(values) > 1
+                                                          else ""))
+    parts.append(f"client {client:.2f}")
+    total = sum(cpu.values()) + client
+    return ", ".join(parts) + f"; total {total:.2f}"
 
 
 if __name__ == "__main__":

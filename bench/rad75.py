@@ -1,7 +1,7 @@
 """RAD-75 through two gateways against RAD-69 straight at the source, same run.
 
     .venv/bin/python bench/rad75.py [--instances 200] [--associations 3] [--workers 2]
-                                    [--repeat 3]
+                                    [--repeat 3] [--response-order root-first|root-last]
 
 Builds the synthetic CT study of bench/_common.py (about 0.5 MB per instance) and
 loads it into a private Orthanc: the PACS of community B. Starts gateway B (its Imaging
@@ -17,12 +17,30 @@ throughput ratio (direct time / via-A time: 1.0 = the extra hop costs nothing, g
 retrieve pool processes; B served all three paths). Asserts nothing beyond every path
 returning every instance.
 
-Measured on a 2-core machine (2026-11-24, other helpers' work running), 200 instances,
-105 MB, 2 workers each, 3 associations, medians of 5: direct 0.87 s, via A 1.07 s, RAD-75
-straight at B 0.85 s: ratio 0.81 (single runs 0.73-0.99). RAD-75 at B costs the same as
-RAD-69; the ~0.2 s is A's hop: B's whole MTOM reply is spooled to A's disk before A's reply
-starts (store and forward, about 0.5 GB/s through A). Peak RSS: 82 MB the largest process of
-either gateway (A: 82, 70, 46, 46, 40, then 37-13; B the same within 2 MB).
+--response-order sets B's [pacs] response_order (its RAD-69 and RAD-75 replies) and A's
+[xca] response_order. root-first (default): A reads B's root, writes its own root at once
+and pipes B's parts to the consumer as they arrive (gateway.xca.initiating, "Streaming
+through"); root-last: A passes each part of B's root-last reply on as it completes and
+writes its root last. Also prints the CPU seconds each gateway used per retrieve (all its
+processes), a figure that does not depend on the other load of the machine.
+
+Measured on a 2-core machine (2026-11-24, other helpers' benchmarks running: load average
+2-4, so single runs vary by +-30 %), 200 instances, 105 MB, 2 workers each, 3 associations,
+medians of 7, the three runs one after the other:
+  before (store and forward, the gateway of commit 9dc6a6b): direct 0.50 s, via A
+    0.74 s, ratio 0.68 (0.79 and 0.86 in two quieter runs of 5);
+  root-first, piped: direct 0.50 s, via A 0.63 s, ratio 0.79 (0.72-0.83 over four runs);
+  root-last, streamed: direct 0.42 s, via A 0.57 s, ratio 0.74 (0.61-0.74; the direct
+    root-last RAD-69 is itself faster, so the ratio is taken against a faster reference).
+RAD-75 straight at B costs the same as RAD-69 (0.44-0.53 s). A's hop no longer waits for
+B's whole reply, but it is CPU work on a saturated 2-core machine: A used 0.27-0.33 CPU
+seconds per retrieve streaming (TLS in, spool file, TLS out, chunked MTOM out), 0.19-0.29
+storing and forwarding in the same windows (CPU time itself inflates with the load), B
+0.26-0.30; with Orthanc and the client on the same two cores the extra hop cannot be free
+here (relaying in a thread or in the response's own thread measured the same; reading the
+reply with read1, a TLS record at a time, was no cheaper). Peak RSS: 84 MB the
+largest process of either gateway (A: 84, 70, 46, 46, 40, then 38-13; B the same within
+1 MB), the same as before.
 """
 
 from __future__ import annotations
@@ -40,7 +58,7 @@ sys.path.insert(0, str(ROOT))
 
 from lxml import etree  # noqa: E402
 
-from bench._common import descendants, load_synthetic_study, vm_hwm_mb  # noqa: E402
+from bench._common import cpu_seconds, descendants, load_synthetic_study, vm_hwm_mb  # noqa: E402
 from gateway.demo import RunningGateway, free_port, start_gateway  # noqa: E402
 from gateway.ebrim.parse import parse_retrieve_document_set_response  # noqa: E402
 from gateway.ns import Action  # noqa: E402
@@ -70,6 +88,11 @@ def retrieve(client: SoapClient, path: str, action: str, body: etree._Element, s
     return dt, len(resp.documents), size, resp.status.rsplit(":", 1)[1]
 
 
+def cpu(gateway: RunningGateway) -> float:
+    """CPU seconds used so far by every process of `gateway`."""
+    return sum(cpu_seconds(p) for p in descendants(gateway.process.pid))
+
+
 def peaks(gateway: RunningGateway) -> list[float]:
     return sorted((vm_hwm_mb(p) for p in descendants(gateway.process.pid)), reverse=True)
 
@@ -80,6 +103,10 @@ def main() -> None:
     ap.add_argument("--associations", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--response-order", choices=("root-first", "root-last"),
+                    default="root-first",
+                    help="[pacs] response_order of B (its RAD-69 and RAD-75 replies) and "
+                         "[xca] response_order of A (root-last: A streams B's parts through)")
     ap.add_argument("--log-level", default="WARNING")
     args = ap.parse_args()
 
@@ -95,9 +122,12 @@ def main() -> None:
         cfg_b = community_config(work / "b", pki, pb, HB, workers=args.workers)
         configure_pacs(cfg_b, port=orthanc.dicom_port, associations=args.associations,
                        timeout_seconds=60)
+        cfg_b.write_text(cfg_b.read_text()
+                         + f'response_order = "{args.response_order}"\n')  # in [pacs]
         gw_b = start_gateway(cfg_b, pki, pb, log_level=args.log_level)
         running.append(gw_b)
         extra = (f"\n[xca]\nretrieve_timeout_seconds = 600\n"
+                 f"response_order = \"{args.response_order}\"\n"
                  f"\n[[communities]]\nhome_community_id = \"{HB}\"\n"
                  f"imaging_retrieve_url = \"https://localhost:{pb}/xcai/responding\"\n")
         cfg_a = community_config(work / "a", pki, pa, HA, extra, workers=args.workers)
@@ -120,13 +150,17 @@ def main() -> None:
         for name, (c, path, action, body) in paths.items():
             retrieve(c, path, action, body, work / f"warm-{name.replace(' ', '')}")
         times: dict[str, list[float]] = {k: [] for k in paths}
+        # CPU seconds of A and of B per retrieve, per path (robust to other load)
+        cpus: dict[str, list[tuple[float, float]]] = {k: [] for k in paths}
         for run in range(args.repeat):
             order = list(paths) if run % 2 == 0 else list(reversed(paths))
             line = []
             for name in order:
                 c, path, action, body = paths[name]
+                cpu0 = cpu(gw_a), cpu(gw_b)
                 dt, n, size, status = retrieve(c, path, action, body,
                                                work / f"{name.replace(' ', '')}-{run}")
+                cpus[name].append((cpu(gw_a) - cpu0[0], cpu(gw_b) - cpu0[1]))
                 assert n == args.instances, f"{name}: {n} documents, {status}"
                 times[name].append(dt)
                 line.append(f"{name} {status} {n} docs {size / 1e6:.0f} MB in {dt:.2f} s "
@@ -137,6 +171,9 @@ def main() -> None:
         m75 = statistics.median(times["RAD-75 at B"])
         print(f"median: direct {md:.2f} s, via A -> B {mv:.2f} s, throughput ratio "
               f"{md / mv:.2f} (goal >= 0.8); RAD-75 straight at B {m75:.2f} s")
+        print("CPU seconds per retrieve (median), A / B: " + "; ".join(
+            f"{name} {statistics.median(a for a, _ in v):.2f} / "
+            f"{statistics.median(b for _, b in v):.2f}" for name, v in cpus.items()))
         for name, gw in (("A (initiating)", gw_a), ("B (responding + source)", gw_b)):
             p = peaks(gw)
             print(f"gateway {name} peak RSS (VmHWM) per process, MB: "

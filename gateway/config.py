@@ -35,6 +35,9 @@ class ServerConfig:
     header_timeout_seconds: int = 10  # TLS handshake + request head, from the connection
     body_timeout_seconds: int = 30  # request body, from the end of the head ...
     min_body_rate_bytes_per_second: int = 4096  # ... plus 1 s per this many bytes received
+    send_timeout_seconds: int = 60  # each response send makes progress within this ...
+    min_send_rate_bytes_per_second: int = 4096  # ... and waits for the client at most that
+    # plus 1 s per this many bytes sent (0: no overall bound)
 
 
 @dataclass(frozen=True)
@@ -172,6 +175,10 @@ class XcaConfig:
     query_timeout_seconds: int = 30  # bound on one community's ITI-38 answer
     retrieve_timeout_seconds: int = 300  # bound on one community's ITI-39 / RAD-75 answer
     max_parallel: int = 10  # communities asked at once by one request
+    # Order of the MTOM replies of the XCA gateways (initiating RAD-69 / ITI-43 answers,
+    # responding RAD-75): "root-first", "root-last" (streamed, root part last), or "" to
+    # follow [pacs] response_order (gateway.xca.initiating, gateway.xca.responding_imaging).
+    response_order: str = ""
 
 
 @dataclass(frozen=True)
@@ -327,6 +334,10 @@ def validate(cfg: GatewayConfig) -> None:
         raise ConfigError("[server] body_timeout_seconds: expected 1 to 86400")
     if s.min_body_rate_bytes_per_second < 0:
         raise ConfigError("[server] min_body_rate_bytes_per_second: expected 0 or more")
+    if not 1 <= s.send_timeout_seconds <= 3600:
+        raise ConfigError("[server] send_timeout_seconds: expected 1 to 3600")
+    if s.min_send_rate_bytes_per_second < 0:
+        raise ConfigError("[server] min_send_rate_bytes_per_second: expected 0 or more")
     if s.spool_directory is not None and not s.spool_directory.is_dir():
         raise ConfigError(f"[server] spool_directory: not a folder: {s.spool_directory}")
     t = cfg.tls
@@ -429,6 +440,9 @@ def _validate_xca(x: XcaConfig) -> None:
             raise ConfigError(f"[xca] {key}: expected 1 to 3600")
     if not 1 <= x.max_parallel <= 256:
         raise ConfigError("[xca] max_parallel: expected 1 to 256")
+    if x.response_order not in ("", "root-first", "root-last"):
+        raise ConfigError("[xca] response_order: expected \"root-first\", \"root-last\" or "
+                          f"\"\" (as [pacs] response_order), got {x.response_order!r}")
 
 
 def _validate_backends(cfg: GatewayConfig) -> None:

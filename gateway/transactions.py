@@ -76,6 +76,10 @@ class LiveAttachments:
     parts: Iterator[Attachment]
     finish: Callable[[], etree._Element]
     close: Callable[[], None] = field(default=lambda: None)
+    # The root part FIRST instead: `finish()` is called before `parts` is iterated, and the
+    # body it returns names parts still to come; `parts` raises when one cannot be
+    # delivered, which breaks the response off (gateway.soap.mtom.mtom_stream).
+    root_first: bool = False
 
 
 @dataclass

@@ -7,6 +7,8 @@ study says which series exist), to tell an inconsistent request (urn:dicom:wado:
 instance lives in another series or study) from an unknown study (0015), series (0016) or
 instance (0017).
 Each of those failures also carries XDSMissingDocument.
+A list of SOP Instance UIDs too long for one explicit VR identifier (64 KB, about 1000 UIDs)
+is queried in several C-FINDs.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gateway.config import PacsConfig
+from gateway.dicom.cget import uid_batches
 from gateway.dicom.find import find
 from gateway.dicom.retrieve import InstanceRef
 from gateway.errors import XdsError
@@ -45,8 +48,8 @@ def resolve(pacs: PacsConfig, docs: list[ImagingDocumentRequest],
     series_of_study: dict[str, set[str]] = {}
     for study, study_docs in by_study.items():
         uids = sorted({d.document_unique_id for d in study_docs})
-        hits = {str(i.SOPInstanceUID): i for i in
-                find(pacs, "IMAGE", {"StudyInstanceUID": study, "SOPInstanceUID": uids},
+        hits = {str(i.SOPInstanceUID): i for batch in uid_batches(uids) for i in
+                find(pacs, "IMAGE", {"StudyInstanceUID": study, "SOPInstanceUID": batch},
                      timeout=t) if "SOPInstanceUID" in i}
         for d in study_docs:
             hit = hits.get(d.document_unique_id)
@@ -65,8 +68,8 @@ def resolve(pacs: PacsConfig, docs: list[ImagingDocumentRequest],
             series = find(pacs, "SERIES", {"StudyInstanceUID": study}, timeout=t)
             series_of_study[study] = {str(s.get("SeriesInstanceUID", "")) for s in series}
         uids = sorted({d.document_unique_id for d in strays})
-        elsewhere = {str(i.SOPInstanceUID) for i in
-                     find(pacs, "IMAGE", {"SOPInstanceUID": uids}, timeout=t)
+        elsewhere = {str(i.SOPInstanceUID) for batch in uid_batches(uids) for i in
+                     find(pacs, "IMAGE", {"SOPInstanceUID": batch}, timeout=t)
                      if "SOPInstanceUID" in i}
         for d in strays:
             if d.document_unique_id in elsewhere:

@@ -408,7 +408,7 @@ def _audited_live(live: LiveAttachments,
         finally:
             once(None, 8)
 
-    return LiveAttachments(live.parts, finish, close)
+    return LiveAttachments(live.parts, finish, close, root_first=live.root_first)
 
 
 def make_app(services: Any, *, endpoints: Sequence[Endpoint] | None = None,

@@ -6,22 +6,33 @@ are stream-parsed with their attachments spooled to files, so neither direction 
 document in memory. The root part of a response is the one the multipart `start` parameter
 names, wherever it comes: a RAD-69 answered root-last (`[pacs] response_order`, chunked,
 the root after every instance) reads like one answered root-first.
+
+`SoapClient.stream()` is the streaming variant: a `StreamedReply` whose `events()` yields each
+MIME part of the reply as soon as its closing delimiter is read: every attachment as an
+`Attachment` (its file in the spool folder complete, never in memory), the root part as a
+`SoapReply` (parsed by the hardened parser, without attachments) wherever it comes, first or
+last. The caller passes the parts on while the rest still arrives (gateway.xca.initiating).
 """
 
 from __future__ import annotations
 
 import copy
+import http.client
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import requests
 from lxml import etree
+from urllib3.exceptions import ProtocolError
 
 from gateway.ebrim.xmlsafe import parse_xml
 from gateway.ns import SOAP12, WSA, q
 from gateway.soap.mtom import mtom_response, parse_multipart, resolve_cid
+from gateway.soap.multipart import AttachmentMap, MultipartError, RootPart, iter_multipart
 from gateway.transactions import Attachment
 
 MAX_ENVELOPE_BYTES = 64 * 1024 * 1024
@@ -105,6 +116,21 @@ class SoapClient:
              force_mtom: bool = False,
              headers: Sequence[etree._Element] = ()) -> SoapReply:
         """POST one request; `headers` are extra SOAP header blocks (copied unchanged)."""
+        with self._post(path, action, body, attachments, force_mtom, headers) as resp:
+            return self._reply(resp, spool_dir)
+
+    def stream(self, path: str, action: str, body: etree._Element, *, spool_dir: Path,
+               headers: Sequence[etree._Element] = (),
+               deadline: float | None = None) -> StreamedReply:
+        """POST one request and return its reply unread: `StreamedReply.events()` yields the
+        parts as they arrive (module docstring). `deadline` (time.monotonic()) bounds the
+        whole reply, on top of the read timeout of every socket read. Close the reply."""
+        resp = self._post(path, action, body, (), False, headers)
+        return StreamedReply(resp, spool_dir, deadline)
+
+    def _post(self, path: str, action: str, body: etree._Element,
+              attachments: Sequence[Attachment], force_mtom: bool,
+              headers: Sequence[etree._Element]) -> requests.Response:
         url = self.base_url + path
         data, _message_id = envelope(action, url, body, headers)
         http_headers = {}
@@ -117,9 +143,8 @@ class SoapClient:
             http_headers["Content-Type"] = \
                 f'application/soap+xml; charset=UTF-8; action="{action}"'
             payload = data
-        with self.session.post(url, data=payload, headers=http_headers, stream=True,
-                               timeout=self.timeout) as resp:
-            return self._reply(resp, spool_dir)
+        return self.session.post(url, data=payload, headers=http_headers, stream=True,
+                                 timeout=self.timeout)
 
     def get(self, path: str) -> requests.Response:
         return self.session.get(self.base_url + path, timeout=self.timeout)
@@ -138,7 +163,125 @@ class SoapClient:
             root = resp.raw.read(MAX_ENVELOPE_BYTES + 1, decode_content=True)
             if len(root) > MAX_ENVELOPE_BYTES:
                 raise ValueError("response envelope larger than 64 MiB")
-        env = parse_xml(root)
-        body_el = env.find(q(SOAP12, "Body"))
-        first = None if body_el is None or len(body_el) == 0 else body_el[0]
-        return SoapReply(resp.status_code, env, first, attachments)
+        return _soap_reply(resp.status_code, root, attachments)
+
+
+def _soap_reply(status: int, root: bytes, attachments: dict[str, Attachment]) -> SoapReply:
+    env = parse_xml(root)
+    body_el = env.find(q(SOAP12, "Body"))
+    first = None if body_el is None or len(body_el) == 0 else body_el[0]
+    return SoapReply(status, env, first, attachments)
+
+
+class ReplyTimeout(Exception):
+    """The whole reply did not arrive before the deadline of `SoapClient.stream` (not an
+    OSError: the multipart parser turns those into MultipartError)."""
+
+
+class _DeadlineReader:
+    """A readable over a streamed HTTP body for the multipart parser.
+
+    Raises `ReplyTimeout` once `deadline` has passed (checked before every read; each read
+    is bounded by the socket's read timeout). Reads whole blocks (`read(size)`: the bytes
+    are gathered by http.client's buffered reader; `read1` would hand over one TLS record of
+    16 KiB at a time through urllib3's and the parser's Python code). When
+    the connection breaks, the bytes of the complete HTTP chunks of the failed read (which
+    http.client keeps in its IncompleteRead) are returned first and the error is raised by
+    the next read, so a part that was complete before the break is still handed over.
+    """
+
+    def __init__(self, raw: Any, deadline: float | None):
+        self._raw = raw
+        self._deadline = deadline
+        self._error: BaseException | None = None
+
+    def read(self, size: int = -1, /) -> bytes:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            raise ReplyTimeout("the reply did not arrive in time")
+        try:
+            data: bytes = self._raw.read(size)
+        except ProtocolError as exc:
+            cause = exc.args[1] if len(exc.args) > 1 else None
+            partial = getattr(cause, "partial", None)
+            if isinstance(cause, http.client.IncompleteRead) and isinstance(partial, bytes) \
+                    and partial:
+                self._error = exc
+                return partial
+            raise
+        return data
+
+
+class StreamedReply:
+    """A reply read part by part (`SoapClient.stream`). Iterate `events()` once; `close()`
+    (idempotent) closes the HTTP response; the connection is reused only when the whole
+    reply was read (`complete`)."""
+
+    def __init__(self, resp: requests.Response, spool_dir: Path, deadline: float | None):
+        self.response = resp
+        self.http_status = resp.status_code
+        self.content_type = resp.headers.get("Content-Type", "")
+        self.spool_dir = spool_dir
+        self.deadline = deadline
+        self.complete = False
+        self.root: SoapReply | None = None
+        self.parts: dict[str, Attachment] = {}
+        self._events: Iterator[Attachment | SoapReply] | None = None
+
+    def events(self) -> Iterator[Attachment | SoapReply]:
+        """The one iterator of this reply's parts (`_read`); every call returns it."""
+        if self._events is None:
+            self._events = self._read()
+        return self._events
+
+    def _read(self) -> Iterator[Attachment | SoapReply]:
+        """Every attachment as it completes and the root part (a `SoapReply` without
+        attachments) when it is read, in the order of the message. Raises `MultipartError`
+        (malformed or cut short), `ValueError` (root not XML or too large), `ReplyTimeout`,
+        and requests' / urllib3's read errors and timeouts."""
+        resp = self.response
+        resp.raw.decode_content = True
+        reader = _DeadlineReader(resp.raw, self.deadline)
+        if not self.content_type.lower().startswith("multipart/related"):
+            root = reader.read(MAX_ENVELOPE_BYTES + 1)
+            if len(root) > MAX_ENVELOPE_BYTES:
+                raise ValueError("response envelope larger than 64 MiB")
+            self.root = _soap_reply(self.http_status, root, {})
+            self.complete = True
+            yield self.root
+            return
+        for item in iter_multipart(reader, self.content_type, self.spool_dir,
+                                   max_envelope_bytes=MAX_ENVELOPE_BYTES,
+                                   max_total_bytes=1 << 40):
+            if isinstance(item, RootPart):
+                self.root = _soap_reply(self.http_status, item.data, {})
+                yield self.root
+            else:
+                self.parts[item.content_id] = item
+                yield item
+        self.complete = True
+
+    def collect(self) -> SoapReply:
+        """Read what is left; the whole reply as `SoapClient.call` returns it."""
+        for _ in self.events():
+            pass
+        if self.root is None:  # pragma: no cover - events() raises first
+            raise MultipartError("multipart body has no root part")
+        return self.reply()
+
+    def reply(self) -> SoapReply:
+        """The root with the attachments read so far (after `events()` ended)."""
+        assert self.root is not None
+        return SoapReply(self.root.http_status, self.root.envelope, self.root.body,
+                         AttachmentMap(self.parts))
+
+    def close(self) -> None:
+        self.response.close()
+
+    def __enter__(self) -> StreamedReply:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

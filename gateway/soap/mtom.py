@@ -12,7 +12,8 @@ SOAP 1.2 fault.
 Outbound, `mtom_response()` frames an envelope and attachment files as multipart/related with
 an exact Content-Length, and streams the files from disk in chunks; `mtom_stream()` frames
 attachments as they are produced and the envelope last (root named by `start`, no length:
-the response is chunked), for handlers that return `SoapResponse.live`.
+the response is chunked), for handlers that return `SoapResponse.live`, or, with
+`root_first`, the envelope first and the attachments as they are produced.
 """
 
 from __future__ import annotations
@@ -180,7 +181,8 @@ class LiveMtomResponse:
 
     def __init__(self, boundary: bytes, parts: Iterator[Attachment],
                  root: Callable[[], bytes], fallback_root: bytes | None, chunk_size: int,
-                 on_close: Callable[[], None] | None = None):
+                 on_close: Callable[[], None] | None = None, *, root_first: bool = False):
+        self._root_first = root_first
         self._dash = b"--" + boundary
         self._parts = parts
         self._root = root
@@ -190,9 +192,27 @@ class LiveMtomResponse:
         self._closed = False
         self.parts_written = 0
 
+    def _root_part(self) -> bytes:
+        try:
+            root = self._root()
+        except Exception as exc:
+            if self._fallback is None:
+                raise
+            log.error("the streamed response's root part could not be written: %s",
+                      type(exc).__name__)
+            log.debug("root part failure", exc_info=True)
+            root = self._fallback
+        root = _boundary_safe_root(root, self._dash[2:])
+        return (self._dash + b"\r\n"
+                + _part_header('application/xop+xml; charset=UTF-8; type="application/soap+xml"',
+                               ROOT_CONTENT_ID)
+                + root)
+
     def __iter__(self) -> Iterator[bytes]:
         dash = self._dash
         pending = b""  # the previous part's CRLF, folded into the next header
+        if self._root_first:
+            pending = self._root_part() + b"\r\n"
         for att in self._parts:
             size = att.path.stat().st_size
             pending += dash + b"\r\n" + _part_header(
@@ -204,20 +224,10 @@ class LiveMtomResponse:
             yield from iter_file(att.path, size, self._chunk)
             pending = b"\r\n"
             self.parts_written += 1
-        try:
-            root = self._root()
-        except Exception as exc:
-            if self._fallback is None:
-                raise
-            log.error("the streamed response's root part could not be written: %s",
-                      type(exc).__name__)
-            log.debug("root part failure", exc_info=True)
-            root = self._fallback
-        root = _boundary_safe_root(root, dash[2:])
-        yield (pending + dash + b"\r\n"
-               + _part_header('application/xop+xml; charset=UTF-8; type="application/soap+xml"',
-                              ROOT_CONTENT_ID)
-               + root + b"\r\n" + dash + b"--\r\n")
+        if self._root_first:
+            yield pending + dash + b"--\r\n"
+            return
+        yield pending + self._root_part() + b"\r\n" + dash + b"--\r\n"
 
     def close(self) -> None:
         if self._closed:
@@ -235,7 +245,7 @@ class LiveMtomResponse:
 def mtom_stream(parts: Iterator[Attachment], root: Callable[[], bytes], *,
                 fallback_root: bytes | None = None, soap_action: str | None = None,
                 chunk_size: int = DEFAULT_CHUNK, on_close: Callable[[], None] | None = None,
-                ) -> tuple[str, LiveMtomResponse]:
+                root_first: bool = False) -> tuple[str, LiveMtomResponse]:
     """Frame attachments produced one by one, then the envelope `root()` returns, as MTOM
     with the root part LAST.
 
@@ -247,6 +257,13 @@ def mtom_stream(parts: Iterator[Attachment], root: Callable[[], bytes], *,
     order. Clients that take the first part as the envelope whatever `start` says (zeep 4)
     cannot read it. `root()` is called after `parts` is exhausted; when it raises,
     `fallback_root` is written instead (or the error propagates when there is none).
+
+    With `root_first`, `root()` is called first and the root part goes FIRST (readable by
+    every MTOM client), then each attachment as it is produced: for a producer that knows
+    the whole root before its parts (an initiating gateway passing on a root-first reply).
+    The root then names parts not yet written: a producer that cannot deliver one must
+    raise from `parts`, which breaks the response off (no closing boundary, the chunked
+    body not terminated) rather than end it with a root that lies.
     """
     boundary = "MIMEBoundary_" + uuid.uuid4().hex
     ctype = (f'multipart/related; boundary="{boundary}"; type="application/xop+xml"; '
@@ -254,7 +271,7 @@ def mtom_stream(parts: Iterator[Attachment], root: Callable[[], bytes], *,
     if soap_action:
         ctype += f'; action="{_header_safe(soap_action, "soap_action").replace(chr(34), "")}"'
     return ctype, LiveMtomResponse(boundary.encode("ascii"), parts, root, fallback_root,
-                                   chunk_size, on_close)
+                                   chunk_size, on_close, root_first=root_first)
 
 
 # --- Inbound --------------------------------------------------------------------------------

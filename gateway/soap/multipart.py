@@ -10,6 +10,8 @@ in the receive loop cost more than one later pass over the file from the page ca
 `early_writeback` the kernel is asked to start writing each spooled part to disk while it
 still arrives (Linux), so that the fsync of a document the repository keeps has little left to
 wait for.
+`iter_multipart` yields the parts one by one as each completes (the root wherever it comes),
+for callers that pass a message on while it arrives; `parse_multipart` collects them.
 Nothing here knows WSGI or SOAP: `gateway.soap.mtom` builds the middleware and the outbound
 side on top of it.
 
@@ -24,6 +26,7 @@ import binascii
 import hashlib
 import os
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 from urllib.parse import quote, unquote
@@ -531,6 +534,44 @@ def parse_multipart_ex(stream: Readable, content_type: str, spool_dir: Path, *,
                        chunk_size: int = DEFAULT_CHUNK, sha1: bool = False,
                        early_writeback: bool = False) -> tuple[bytes, str, AttachmentMap]:
     """`parse_multipart`, also returning the root part's Content-Type (second item)."""
+    root: RootPart | None = None
+    attachments = AttachmentMap()
+    for item in iter_multipart(stream, content_type, spool_dir,
+                               max_envelope_bytes=max_envelope_bytes,
+                               max_total_bytes=max_total_bytes, content_length=content_length,
+                               chunk_size=chunk_size, sha1=sha1,
+                               early_writeback=early_writeback):
+        if isinstance(item, RootPart):
+            root = item
+        else:
+            attachments[item.content_id] = item
+    assert root is not None  # iter_multipart raises without one
+    return root.data, root.content_type, attachments
+
+
+@dataclass(frozen=True)
+class RootPart:
+    """The root part of a multipart message (the SOAP envelope), as `iter_multipart` yields
+    it once its closing delimiter has been read."""
+
+    data: bytes
+    content_type: str
+
+
+def iter_multipart(stream: Readable, content_type: str, spool_dir: Path, *,
+                   max_envelope_bytes: int, max_total_bytes: int,
+                   content_length: int | None = None,
+                   chunk_size: int = DEFAULT_CHUNK, sha1: bool = False,
+                   early_writeback: bool = False) -> Iterator[RootPart | Attachment]:
+    """The parts of a multipart/related message, each yielded as soon as its closing
+    delimiter has been read: the root part (the `start` one, else the first; in memory, at
+    most `max_envelope_bytes`) as a `RootPart` wherever it comes, every other part with a
+    Content-ID as an `Attachment` whose file in `spool_dir` is complete (a part without a
+    Content-ID is dropped: nothing can reference it). Same limits and errors as
+    `parse_multipart`; `MultipartError` is raised when the message ends before its closing
+    boundary (a part cut mid-way) and, after the last part, when no root part came. Files
+    already written stay in `spool_dir` for the caller to remove (also when the generator is
+    closed early: the part being written is closed, not removed)."""
     media, params = parse_content_type(content_type)
     if not media.startswith("multipart/"):
         raise MultipartError(f"not a multipart message: {media or 'no Content-Type'}", 415)
@@ -547,9 +588,8 @@ def parse_multipart_ex(stream: Readable, content_type: str, spool_dir: Path, *,
                         "no multipart boundary found in the body"):
         raise MultipartError("multipart body has no parts")
 
-    root: bytes | None = None
-    root_type = ""
-    attachments = AttachmentMap()
+    have_root = False
+    seen: set[str] = set()
     count = 0
     closed = False
     while not closed:
@@ -562,15 +602,15 @@ def parse_multipart_ex(stream: Readable, content_type: str, spool_dir: Path, *,
         cte = headers.get("content-transfer-encoding", "binary").strip().lower()
         if cte not in ("binary", "8bit", "7bit", "base64"):
             raise MultipartError(f"unsupported Content-Transfer-Encoding: {cte[:40]}")
-        is_root = root is None and ((not start and count == 1) or
-                                    (bool(start) and (cid == start or unquote(cid) == start_key)))
+        is_root = not have_root and ((not start and count == 1) or
+                                     (bool(start) and (cid == start or unquote(cid) == start_key)))
         sink: _Sink
         file_sink: _FileSink | None = None
         if is_root:
             mem = _MemorySink(max_envelope_bytes, "the root part (SOAP envelope)")
             sink = mem
         else:
-            if cid and cid in attachments:
+            if cid and (cid in seen or _cid_key(cid) in seen):
                 raise MultipartError(f"duplicate Content-ID in multipart body: <{cid[:200]}>")
             file_sink = _FileSink(spool_dir / f"part-{count:05d}.bin", sha1=sha1,
                                   writeback=early_writeback)
@@ -582,12 +622,13 @@ def parse_multipart_ex(stream: Readable, content_type: str, spool_dir: Path, *,
         finally:
             sink.close()
         if is_root:
-            root = bytes(mem.buf)
-            root_type = ctype
+            have_root = True
+            yield RootPart(bytes(mem.buf), ctype)
         elif file_sink is not None:
             if cid:
-                attachments[cid] = Attachment(cid, file_sink.path, file_sink.size, ctype,
-                                              sha1=file_sink.sha1)
+                seen.update((cid, _cid_key(cid)))
+                yield Attachment(cid, file_sink.path, file_sink.size, ctype,
+                                 sha1=file_sink.sha1)
             else:  # a part nothing can reference
                 os.unlink(file_sink.path)
     if content_length is not None:
@@ -596,11 +637,10 @@ def parse_multipart_ex(stream: Readable, content_type: str, spool_dir: Path, *,
         parser.buf, parser.pos = b"", 0
         while parser.fill():
             parser.buf, parser.pos = b"", 0
-    if root is None:
+    if not have_root:
         raise MultipartError(
             f"the root part <{start[:200]}> named by the start parameter is missing"
             if start else "multipart body has no root part")
-    return root, root_type, attachments
 
 
 def iter_file(path: Path, size: int, chunk_size: int) -> Iterator[bytes]:

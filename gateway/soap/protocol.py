@@ -300,7 +300,7 @@ class GatewaySoap12(Soap12):
 
         ctype, stream = mtom_stream(live.parts, root, fallback_root=fallback,
                                     soap_action=transaction.response_action,
-                                    on_close=live.close)
+                                    on_close=live.close, root_first=live.root_first)
         ex.stream = stream
         ex.content_length = None
         ctx.transport.resp_headers["Content-Type"] = ctype

@@ -39,6 +39,27 @@ streams them on without holding a document in memory. Unknown community: XDSUnkn
 per document; failed community: XDSUnavailableCommunity per document (PartialSuccess when
 others answered). `retrieve_routed` is shared with the imaging gateway (RAD-69 -> RAD-75).
 
+Streaming through (one community routed, the common case): the gateway's own MTOM reply
+order is [xca] response_order (empty: [pacs] response_order). Root-last: the community is
+asked with the streaming client (`OutboundPool.stream`, read in a thread of this request)
+and the consumer gets a `SoapResponse.live`: each part of the community's reply is passed on
+as soon as its closing delimiter is read (whatever the community's own order; Content-IDs
+rewritten doc0, doc1, ... in arrival order), and the root last, merged as above from the
+community's root and the routing errors; when the community fails mid-way, cuts its reply
+or passes retrieve_timeout_seconds, the root lists the documents whose parts were sent and
+gives XDSUnavailableCommunity for the rest (PartialSuccess). Without the community's root
+a part is matched to its DocumentRequest by the caller's `identify` (RAD-75: the SOP Instance
+UID of the DICOM file meta header); a part nothing identifies is sent but not referenced.
+Root-first (the default: zeep reads the first part as the envelope): when the community's
+reply is root-first too (every ITI-39, a RAD-75 by default), A's root is merged from it at
+once and written first, then the parts are piped as they arrive (`LiveAttachments` with
+`root_first`). That root has promised every document, so when the community then fails,
+cuts its reply or passes the timeout, the response is broken off (no closing boundary, the
+chunked body not terminated: the consumer sees a failed transfer, never a root naming parts
+that do not follow); the failure is logged and audited. When the community's root comes
+last, or it fails before anything arrives, A stores and forwards as described above (a
+clean answer with XDSUnavailableCommunity). Several communities: store and forward.
+
 Every outbound transaction is offered to `services.audit.record_outbound` when it exists, and
 carries the consumer's wsse:Security header (XUA), or `[xua] outbound_assertion` when it sent
 none (gateway.xca.outbound.security_headers).
@@ -47,14 +68,20 @@ none (gateway.xca.outbound.security_headers).
 from __future__ import annotations
 
 import copy
+import errno
 import logging
-from collections.abc import Callable, Mapping, Sequence
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import requests
 from lxml import etree
+from urllib3.exceptions import ProtocolError
 
 from gateway.config import GatewayConfig, RemoteCommunity
 from gateway.ebrim.paging import Paging, page, paging_of, response_attributes
@@ -79,10 +106,16 @@ from gateway.ns import (
     StoredQuery,
     q,
 )
-from gateway.soap.client import SoapReply
-from gateway.soap.mtom import resolve_cid
-from gateway.transactions import Attachment, RequestContext, SoapResponse
-from gateway.xca.outbound import Outcome, pool_for, run_bounded, security_headers
+from gateway.soap.client import ReplyTimeout, SoapReply
+from gateway.soap.mtom import AttachmentMap, MultipartError, resolve_cid
+from gateway.transactions import Attachment, LiveAttachments, RequestContext, SoapResponse
+from gateway.xca.outbound import (
+    OutboundPool,
+    Outcome,
+    pool_for,
+    run_bounded,
+    security_headers,
+)
 from gateway.xca.patient_ids import (
     NO_REVERSE,
     ReverseMap,
@@ -144,6 +177,8 @@ def failure_reason(outcome: Outcome[SoapReply], timeout: float) -> str:
         return "TLS handshake failed"
     if isinstance(exc, requests.ConnectionError):
         return "could not be reached (connection failed)"
+    if isinstance(exc, (ProtocolError, MultipartError, requests.exceptions.ChunkedEncodingError)):
+        return f"broke its answer off mid-way ({type(exc).__name__})"
     if exc is not None:
         return f"could not be asked ({type(exc).__name__})"
     reply = outcome.value
@@ -497,14 +532,31 @@ def _merge_retrieve(routed: Sequence[RoutedRequest], outcomes: Mapping[str, Outc
     return SoapResponse(response, attachments=tuple(attachments))
 
 
+def reply_order(config: GatewayConfig) -> str:
+    """The order of this gateway's own MTOM replies: [xca] response_order, else [pacs]
+    response_order, else root-first."""
+    order = str(getattr(config.xca, "response_order", "") or "")
+    if not order:
+        order = str(getattr(getattr(config, "pacs", None), "response_order", "") or "")
+    return order or ROOT_FIRST
+
+
 def retrieve_routed(services: Any, ctx: RequestContext, routing: RetrieveRouting, *,
-                    action: str, transaction: str) -> SoapResponse:
+                    action: str, transaction: str,
+                    identify: Callable[[Attachment], str | None] | None = None
+                    ) -> SoapResponse:
     """Send each community its share in parallel; merge the answers (documents as spooled
-    files). Used for ITI-39 and RAD-75."""
+    files). Used for ITI-39 and RAD-75. One community and a root-last reply order: streamed
+    through (module docstring; `identify` names the document a part holds when the
+    community's root never came)."""
     config: GatewayConfig = services.config
     pool = pool_for(config)
     timeout = float(config.xca.retrieve_timeout_seconds)
     security = security_headers(config, ctx.headers)  # XUA: the consumer's assertion passed on
+    if len(routing.routed) == 1:
+        streamer = _retrieve_live if reply_order(config) == ROOT_LAST else _retrieve_piped
+        return streamer(services, ctx, routing, pool, security, timeout,
+                        action=action, transaction=transaction, identify=identify)
 
     def fetch(i: int, r: RoutedRequest) -> Callable[[], SoapReply]:
         headers = tuple(copy.deepcopy(h) for h in security)  # one copy per thread
@@ -525,6 +577,332 @@ def retrieve_routed(services: Any, ctx: RequestContext, routing: RetrieveRouting
                        o.value.body if o.ok and o.value is not None else None,
                        None if o.ok else OUTCOME_SERIOUS_FAILURE, ctx)
     return _merge_retrieve(routing.routed, outcomes, routing.errors, timeout, transaction)
+
+
+# --- streaming through one community ----------------------------------------------------------
+
+ROOT_FIRST, ROOT_LAST = "root-first", "root-last"
+_END = object()
+
+
+class _Relay:
+    """One community's reply read part by part in a thread of this request
+    (`OutboundPool.stream`); `events()` hands over each part, and the root, as it is read,
+    and ends when the reply ends, fails or passes the deadline (then `timed_out`)."""
+
+    def __init__(self, pool: OutboundPool, r: RoutedRequest, action: str,
+                 headers: tuple[etree._Element, ...], timeout: float, spool: Path):
+        self._pool, self._r, self._action, self._headers = pool, r, action, headers
+        self.timeout = timeout
+        self.spool = spool
+        self.started = time.monotonic()
+        self.deadline = self.started + timeout
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.root: SoapReply | None = None
+        self.error: BaseException | None = None
+        self.timed_out = False
+        self.complete = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="xca-relay", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            with self._pool.stream(self._r.url, self._action, self._r.body,
+                                   read_timeout=self.timeout, spool_dir=self.spool,
+                                   deadline=self.deadline, headers=self._headers) as reply:
+                for event in reply.events():
+                    if self._stop.is_set():
+                        return
+                    self._queue.put(event)
+                self.complete = True
+        except BaseException as exc:  # reported through outcome()
+            self.error = exc
+        finally:
+            abandoned = self._stop.is_set()
+            self._queue.put(_END)
+            if abandoned:  # the response is gone: nobody else may be left
+                shutil.rmtree(self.spool, ignore_errors=True)
+
+    def events(self) -> Iterator[Attachment | SoapReply]:
+        while True:
+            try:
+                item = self._queue.get(timeout=max(0.0, self.deadline - time.monotonic()) + 1)
+            except queue.Empty:
+                self.timed_out = True
+                return
+            if item is _END:
+                if isinstance(self.error, ReplyTimeout):  # the whole-reply deadline
+                    self.timed_out, self.error = True, None
+                return
+            if isinstance(item, SoapReply):
+                self.root = item
+            yield item
+
+    def outcome(self) -> Outcome[SoapReply]:
+        if self.timed_out:
+            return Outcome(timed_out=True, seconds=time.monotonic() - self.started)
+        if self.error is not None or not self.complete:
+            return Outcome(self.root, self.error or RuntimeError("reply ended early"))
+        return Outcome(self.root, seconds=time.monotonic() - self.started)
+
+    def join(self) -> None:
+        """Wait, bounded by the deadline, for the reading thread to end (after `events()`
+        ended, it has nothing left to do)."""
+        self._thread.join(max(0.0, self.deadline - time.monotonic()) + 1)
+
+    def close(self) -> None:
+        """Stop reading (at the end of the part being read) and wait, bounded by the
+        deadline, until nothing writes to the spool folder any more."""
+        self._stop.set()
+        self._thread.join(max(0.0, self.deadline - time.monotonic()) + 1)
+        if self._thread.is_alive():
+            log.warning("XCA: a community's reply is still being read after the response "
+                        "ended; its spool folder is removed when it ends")
+
+
+def _document_requests(body: etree._Element) -> dict[str, etree._Element]:
+    return {(d.findtext(q(XDSB, "DocumentUniqueId")) or "").strip(): d
+            for d in body.iter(q(XDSB, "DocumentRequest"))}
+
+
+def _identified_response(request: etree._Element | None, uid: str, home: str,
+                         att: Attachment) -> etree._Element:
+    """A DocumentResponse for a part sent before the community's root came (built from its
+    DocumentRequest)."""
+    dr = etree.Element(q(XDSB, "DocumentResponse"))
+    etree.SubElement(dr, q(XDSB, "HomeCommunityId")).text = home
+    repo = (request.findtext(q(XDSB, "RepositoryUniqueId")) or "").strip() \
+        if request is not None else ""
+    etree.SubElement(dr, q(XDSB, "RepositoryUniqueId")).text = repo
+    etree.SubElement(dr, q(XDSB, "DocumentUniqueId")).text = uid
+    etree.SubElement(dr, q(XDSB, "mimeType")).text = att.content_type
+    doc = etree.SubElement(dr, q(XDSB, "Document"))
+    etree.SubElement(doc, q(XOP, "Include"), href=f"cid:{att.content_id}")
+    return dr
+
+
+def _merge_streamed(r: RoutedRequest, outcome: Outcome[SoapReply], root: SoapReply | None,
+                    sent: AttachmentMap, early_errors: Sequence[XdsError], timeout: float,
+                    transaction: str,
+                    identify: Callable[[Attachment], str | None] | None) -> etree._Element:
+    """A's root for a reply streamed through: `sent` maps the community's Content-IDs to the
+    parts already sent (new Content-IDs). The rules of `_merge_retrieve`, plus: when the
+    community failed after some parts were sent, those are listed and every other document
+    gets XDSUnavailableCommunity."""
+    home = r.community.home_community_id
+    errors: list[XdsError] = list(early_errors)
+    documents: list[etree._Element] = []
+    body = root.body if root is not None else None
+    status_el = body.find(q(RS, "RegistryResponse")) if body is not None else None
+    usable = (body is not None and body.tag == q(XDSB, "RetrieveDocumentSetResponse")
+              and status_el is not None and bool(status_el.get("status")))
+    reason = None if outcome.ok else failure_reason(outcome, timeout)
+    if reason is not None:
+        log.warning("%s to community %s: %s (%d parts passed on)", transaction, home,
+                    reason, len(sent))
+    if usable:
+        assert body is not None and status_el is not None
+        errors.extend(_located(_response_errors(status_el), home))
+        for dr in list(body.iterfind(q(XDSB, "DocumentResponse"))):
+            uid = (dr.findtext(q(XDSB, "DocumentUniqueId")) or "").strip()
+            if dr.find(q(XDSB, "HomeCommunityId")) is None:
+                hc = etree.Element(q(XDSB, "HomeCommunityId"))
+                hc.text = home
+                dr.insert(0, hc)
+            inc = dr.find(f"{q(XDSB, 'Document')}/{q(XOP, 'Include')}")
+            if inc is not None:
+                found = resolve_cid(sent, content_id_from_href(inc.get("href", "")))
+                if found is None:
+                    errors.append(XdsError(
+                        ErrorCode.UNAVAILABLE_COMMUNITY if reason else ErrorCode.REPOSITORY_ERROR,
+                        f"document {uid}: community {home} {reason} before its content came"
+                        if reason else
+                        f"document {uid}: community {home} returned it without its content",
+                        location=home))
+                    continue
+                inc.set("href", f"cid:{found.content_id}")
+            elif dr.find(q(XDSB, "Document")) is None:
+                errors.append(XdsError(
+                    ErrorCode.REPOSITORY_ERROR,
+                    f"document {uid}: community {home} returned a DocumentResponse without a "
+                    "Document", location=home))
+                continue
+            documents.append(dr)
+    else:
+        reason = reason or failure_reason(outcome, timeout)
+        if outcome.ok:
+            log.warning("%s to community %s: %s", transaction, home, reason)
+        requests_by_uid = _document_requests(r.body)
+        done: set[str] = set()
+        for att in sent.values():
+            found_uid = identify(att) if identify is not None else None
+            if found_uid and found_uid in requests_by_uid and found_uid not in done:
+                done.add(found_uid)
+                documents.append(_identified_response(requests_by_uid[found_uid], found_uid,
+                                                      home, att))
+            else:
+                log.warning("%s to community %s: a part passed on cannot be matched to a "
+                            "document", transaction, home)
+        for uid in requests_by_uid:
+            if uid not in done:
+                errors.append(XdsError(ErrorCode.UNAVAILABLE_COMMUNITY,
+                                       f"document {uid}: community {home} {reason}",
+                                       location=home))
+    status = status_for(errors, partial_possible=True, any_success=bool(documents))
+    response = etree.Element(q(XDSB, "RetrieveDocumentSetResponse"),
+                             nsmap={"xdsb": XDSB, "xop": XOP})
+    render_registry_response(status, errors, parent=response)
+    for dr in documents:
+        response.append(dr)
+    return response
+
+
+def _retrieve_live(services: Any, ctx: RequestContext, routing: RetrieveRouting,
+                   pool: OutboundPool, security: tuple[etree._Element, ...], timeout: float,
+                   *, action: str, transaction: str,
+                   identify: Callable[[Attachment], str | None] | None) -> SoapResponse:
+    """One community, root-last: its reply's parts passed on as they arrive, A's root last."""
+    r = routing.routed[0]
+    spool = Path(ctx.spool_dir) / "xca-0"
+    spool.mkdir(parents=True, exist_ok=True)
+    headers = tuple(copy.deepcopy(h) for h in security)
+    relay = _Relay(pool, r, action, headers, timeout, spool)
+    sent = AttachmentMap()
+    audited = threading.Lock()
+    state = {"audited": False}
+
+    def audit(body: etree._Element | None, ok: bool) -> None:
+        with audited:
+            if state["audited"]:
+                return
+            state["audited"] = True
+        audit_outbound(services, transaction, r.url, r.body, body,
+                       None if ok else OUTCOME_SERIOUS_FAILURE, ctx)
+
+    def parts() -> Iterator[Attachment]:
+        for event in relay.events():
+            if isinstance(event, Attachment):
+                out = Attachment(f"doc{len(sent)}@{CONTENT_ID_DOMAIN}", event.path, event.size,
+                                 event.content_type or "application/octet-stream", event.sha1)
+                sent[event.content_id] = out
+                yield out
+
+    def finish() -> etree._Element:
+        outcome = relay.outcome()
+        root = relay.root
+        audit(root.body if root is not None else None, outcome.ok)
+        return _merge_streamed(r, outcome, root, sent, routing.errors, timeout, transaction,
+                               identify)
+
+    def close() -> None:
+        relay.close()
+        audit(None, False)
+
+    fallback = etree.Element(q(XDSB, "RetrieveDocumentSetResponse"), nsmap={"xdsb": XDSB})
+    render_registry_response(ResponseStatus.FAILURE, [XdsError(
+        ErrorCode.REPOSITORY_ERROR, "the gateway could not complete the response")],
+        parent=fallback)
+    return SoapResponse(body=fallback, cleanup=[spool],
+                        live=LiveAttachments(parts(), finish, close))
+
+
+class BrokenOff(ConnectionResetError):
+    """A root-first response cannot be completed: its root names a part that will not come.
+
+    Raised from the response's parts, it ends the HTTP response without its closing boundary
+    and closes the connection. A connection reset (errno ECONNRESET) is what the web server
+    treats as an ended connection, not as a failure of its own to log with a traceback; the
+    reason is logged here, at WARNING, before it is raised."""
+
+    def __init__(self, reason: str):
+        super().__init__(errno.ECONNRESET, reason)
+
+
+def _retrieve_piped(services: Any, ctx: RequestContext, routing: RetrieveRouting,
+                    pool: OutboundPool, security: tuple[etree._Element, ...], timeout: float,
+                    *, action: str, transaction: str,
+                    identify: Callable[[Attachment], str | None] | None) -> SoapResponse:
+    """One community, root-first: when the community's root comes first, A's root is written
+    from it at once and the parts are piped as they arrive; otherwise (its root last, or no
+    usable answer) everything is read first, then merged (store and forward)."""
+    r = routing.routed[0]
+    home = r.community.home_community_id
+    spool = Path(ctx.spool_dir) / "xca-0"
+    spool.mkdir(parents=True, exist_ok=True)
+    headers = tuple(copy.deepcopy(h) for h in security)
+    relay = _Relay(pool, r, action, headers, timeout, spool)
+    events = relay.events()
+    first = next(events, None)
+    root = first if isinstance(first, SoapReply) else None
+    body = root.body if root is not None else None
+    if (root is None or body is None or body.tag != q(XDSB, "RetrieveDocumentSetResponse")
+            or not any(True for _ in body.iter(q(XOP, "Include")))):
+        # store and forward: the community's root last, a failure, or nothing to pipe
+        received = AttachmentMap()
+        if isinstance(first, Attachment):
+            received[first.content_id] = first
+        for event in events:
+            if isinstance(event, Attachment):
+                received[event.content_id] = event
+        relay.join()
+        outcome = relay.outcome()
+        reply = relay.root
+        audit_outbound(services, transaction, r.url, r.body,
+                       reply.body if outcome.ok and reply is not None else None,
+                       None if outcome.ok else OUTCOME_SERIOUS_FAILURE, ctx)
+        if reply is not None:
+            reply = SoapReply(reply.http_status, reply.envelope, reply.body, received)
+        return _merge_retrieve(routing.routed, {home: Outcome(
+            reply, outcome.error, outcome.timed_out, outcome.seconds)},
+            routing.errors, timeout, transaction)
+
+    # The community's root first: A's root now, each part piped as it arrives.
+    assert root is not None and body is not None
+    planned = AttachmentMap()
+    for inc in body.iter(q(XOP, "Include")):
+        cid = content_id_from_href(inc.get("href", ""))
+        if cid and cid not in planned:
+            planned[cid] = Attachment(f"doc{len(planned)}@{CONTENT_ID_DOMAIN}", spool, 0)
+    a_root = _merge_streamed(r, Outcome(root), root, planned, routing.errors, timeout,
+                             transaction, identify)
+    expected = {a.content_id for a in planned.values()}
+    state = {"audited": False}
+
+    def audit(ok: bool) -> None:
+        if not state["audited"]:
+            state["audited"] = True
+            audit_outbound(services, transaction, r.url, r.body, body,
+                           None if ok else OUTCOME_SERIOUS_FAILURE, ctx)
+
+    def parts() -> Iterator[Attachment]:
+        delivered: set[str] = set()
+        for event in events:
+            if not isinstance(event, Attachment):
+                continue
+            plan = planned.get(event.content_id)
+            if plan is None or plan.content_id in delivered:
+                event.path.unlink(missing_ok=True)  # a part nothing references
+                continue
+            delivered.add(plan.content_id)
+            yield Attachment(plan.content_id, event.path, event.size,
+                             event.content_type or "application/octet-stream", event.sha1)
+        outcome = relay.outcome()
+        audit(outcome.ok and delivered == expected)
+        if not outcome.ok or delivered != expected:
+            reason = failure_reason(outcome, timeout) if not outcome.ok else \
+                "left out parts its root names"
+            log.warning("%s to community %s: %s after %d of %d parts; the root-first "
+                        "response is broken off", transaction, home, reason, len(delivered),
+                        len(expected))
+            raise BrokenOff(f"community {home} {reason}")
+
+    def close() -> None:
+        relay.close()
+        audit(False)
+
+    return SoapResponse(body=a_root, cleanup=[spool],
+                        live=LiveAttachments(parts(), lambda: a_root, close, root_first=True))
 
 
 def failure_response(errors: Sequence[XdsError]) -> SoapResponse:
@@ -553,6 +931,7 @@ __all__ = [
     "failure_response",
     "patient_ids_of",
     "query_targets",
+    "reply_order",
     "retrieve_document_set",
     "retrieve_routed",
     "route_homes",

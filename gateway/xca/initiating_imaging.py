@@ -11,11 +11,18 @@ request's spool folder and go out again from those files (`gateway.xca.initiatin
 HomeCommunityId goes to the only community with an imaging_retrieve_url, or gets
 XDSMissingHomeCommunityId; an unknown community XDSUnknownCommunity; a community that fails
 XDSUnavailableCommunity for each of its documents (PartialSuccess when others answered).
+
+With one community and a root-last reply order ([xca] response_order, else [pacs]
+response_order) the instances are streamed through as they arrive instead
+(`gateway.xca.initiating`, "Streaming through"); should the community fail before its root
+part, an instance already passed on is matched to its DocumentRequest by the SOP Instance UID
+of its DICOM file meta header (`sop_instance_uid_of`).
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any
 
 from lxml import etree
@@ -23,7 +30,7 @@ from lxml import etree
 from gateway.config import GatewayConfig
 from gateway.errors import XdsError
 from gateway.ns import XDSB, XDSI, Action, ErrorCode, q
-from gateway.transactions import RequestContext, SoapResponse
+from gateway.transactions import Attachment, RequestContext, SoapResponse
 from gateway.xca.initiating import (
     RetrieveRouting,
     RoutedRequest,
@@ -32,6 +39,22 @@ from gateway.xca.initiating import (
     retrieve_routed,
     route_homes,
 )
+
+log = logging.getLogger(__name__)
+
+
+def sop_instance_uid_of(part: Attachment) -> str | None:
+    """The Media Storage SOP Instance UID of a DICOM Part 10 file (its meta header only),
+    None when the part is not one."""
+    from pydicom.filereader import read_file_meta_info
+
+    try:
+        meta = read_file_meta_info(part.path)
+        uid = str(getattr(meta, "MediaStorageSOPInstanceUID", "") or "").strip()
+    except Exception as exc:  # not DICOM, truncated: unidentified
+        log.debug("part %s is not a DICOM file: %s", part.content_id, type(exc).__name__)
+        return None
+    return uid or None
 
 
 def _prune(tree: etree._Element, keep: set[int]) -> None:
@@ -89,7 +112,8 @@ def retrieve_imaging_document_set(services: Any, ctx: RequestContext,
     routing = imaging_routing(services.config, body)
     if not routing.routed:
         return failure_response(routing.errors)
-    return retrieve_routed(services, ctx, routing, action=Action.RAD75, transaction="RAD-75")
+    return retrieve_routed(services, ctx, routing, action=Action.RAD75, transaction="RAD-75",
+                           identify=sop_instance_uid_of)
 
 
-__all__ = ["imaging_routing", "retrieve_imaging_document_set"]
+__all__ = ["imaging_routing", "retrieve_imaging_document_set", "sop_instance_uid_of"]

@@ -10,6 +10,10 @@ every call has a connect timeout ([xca] connect_timeout_seconds) and a read time
 caller's). `pool_for(config)` gives the process's pool for a configuration (created lazily,
 so a gunicorn worker builds its own after the fork).
 
+`OutboundPool.stream` is the streaming variant of `call`: the reply's MIME parts are handed
+over as they complete (`gateway.soap.client.StreamedReply`), for an initiating gateway that
+passes a community's answer on while it arrives.
+
 `run_bounded` runs calls in threads, at most `max_parallel` at once, each bounded by
 `timeout` seconds from its own start: a call still running then is abandoned (reported as
 timed out; its daemon thread ends on its socket timeout) and its slot goes to the next call.
@@ -48,7 +52,7 @@ from lxml import etree
 from gateway.config import GatewayConfig
 from gateway.ebrim.xmlsafe import parse_xml
 from gateway.ns import SAML2, SOAP12, WSSE, q
-from gateway.soap.client import SoapClient, SoapReply
+from gateway.soap.client import SoapClient, SoapReply, StreamedReply
 from gateway.transactions import Attachment
 
 log = logging.getLogger(__name__)
@@ -133,6 +137,40 @@ class OutboundPool:
             client.timeout = (self.settings.connect_timeout, read_timeout)
             return client.call(path, action, body, spool_dir=spool_dir,
                                attachments=attachments, headers=headers)
+
+    @contextmanager
+    def stream(self, url: str, action: str, body: etree._Element, *, read_timeout: float,
+               spool_dir: Path, deadline: float | None = None,
+               headers: Sequence[etree._Element] = ()) -> Iterator[StreamedReply]:
+        """`call`, streaming: the reply unread, its parts yielded as they arrive
+        (`StreamedReply.events()`), bounded by the same connect and read timeouts and, with
+        `deadline` (time.monotonic()), as a whole. The reply is closed on exit; the client
+        goes back to the pool only when the whole reply was read."""
+        origin, path = split_url(url)
+        with self._lock:
+            idle = self._idle.get(origin)
+            client = idle.pop() if idle else None
+        if client is None:
+            client = self._new_client(origin)
+        client.timeout = (self.settings.connect_timeout, read_timeout)
+        reply: StreamedReply | None = None
+        try:
+            reply = client.stream(path, action, body, spool_dir=spool_dir, headers=headers,
+                                  deadline=deadline)
+            yield reply
+        finally:
+            if reply is not None:
+                reply.close()
+            if reply is None or not reply.complete:
+                client.close()  # its connection may be half-read: never reuse it
+            else:
+                with self._lock:
+                    idle = self._idle.setdefault(origin, [])
+                    if len(idle) < self.max_idle_per_origin:
+                        idle.append(client)
+                        client = None
+                if client is not None:
+                    client.close()
 
     def close(self) -> None:
         with self._lock:

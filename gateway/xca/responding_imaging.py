@@ -16,6 +16,12 @@ RetrieveDocumentSetResponse (RAD TF-3 4.75.4.1.3): PartialSuccess when some docu
 back and some fail, every RegistryError located at our homeCommunityId, each DocumentResponse
 carrying HomeCommunityId. The instances go out as MTOM attachments streamed from the spool
 files, removed after the response.
+
+With a root-last reply order ([xca] response_order, else [pacs] response_order) and no remote
+Imaging Document Source involved, the built-in source's instances are streamed as the
+retrieve places them in the spool folder, the root part last (`gateway.imaging.rad69
+.live_response`, its root then given our homeCommunityId, every error located there and the
+home-check errors added), so that an initiating gateway can pass them on as they come.
 """
 
 from __future__ import annotations
@@ -28,13 +34,15 @@ from typing import TYPE_CHECKING
 from lxml import etree
 
 from gateway.ebrim.model import RetrievedDocument
-from gateway.ebrim.render import render_retrieve_document_set_response
+from gateway.ebrim.parse import parse_registry_error
+from gateway.ebrim.render import render_registry_response, render_retrieve_document_set_response
 from gateway.errors import XdsError, XdsFailure, status_for
-from gateway.imaging.rad69 import MIME_DICOM, retrieve_request
+from gateway.imaging.rad69 import MIME_DICOM, live_response, retrieve_request
 from gateway.imaging.request import ImagingDocumentRequest, ImagingRequest, parse_request
-from gateway.ns import XDSB, XDSI, Action, ErrorCode, ResponseStatus, q
-from gateway.transactions import Attachment, RequestContext, SoapResponse
+from gateway.ns import RS, XDSB, XDSI, XOP, Action, ErrorCode, ResponseStatus, q
+from gateway.transactions import Attachment, LiveAttachments, RequestContext, SoapResponse
 from gateway.xca.home import check_request_home, located
+from gateway.xca.initiating import ROOT_LAST, reply_order
 from gateway.xca.remote_retrieve import RemoteShare, fetch_shares, in_background
 
 if TYPE_CHECKING:
@@ -137,12 +145,81 @@ def retrieve_local_imaging(services: Services, request: ImagingRequest, spool: P
     return status, documents, errors
 
 
+def _as_responding(root: etree._Element, home: str, early: list[XdsError]) -> etree._Element:
+    """A RAD-69 root made RAD-75's: `early` errors first, every error located at `home`, each
+    DocumentResponse with HomeCommunityId, the status recomputed."""
+    status_el = root.find(q(RS, "RegistryResponse"))
+    errors = list(early)
+    if status_el is not None:
+        lst = status_el.find(q(RS, "RegistryErrorList"))
+        if lst is not None:
+            errors.extend(parse_registry_error(e) for e in lst.iterfind(q(RS, "RegistryError")))
+    errors = located(errors, home)
+    documents = list(root.iterfind(q(XDSB, "DocumentResponse")))
+    for dr in documents:
+        hc = dr.find(q(XDSB, "HomeCommunityId"))
+        if hc is None:
+            hc = etree.Element(q(XDSB, "HomeCommunityId"))
+            dr.insert(0, hc)
+        hc.text = home
+    status = status_for(errors, partial_possible=True, any_success=bool(documents))
+    out = etree.Element(q(XDSB, "RetrieveDocumentSetResponse"), nsmap={"xdsb": XDSB, "xop": XOP})
+    render_registry_response(status, errors, parent=out)
+    for dr in documents:
+        out.append(dr)
+    return out
+
+
+def _live_local(services: Services, ctx: RequestContext, request: ImagingRequest,
+                spool: Path) -> SoapResponse | None:
+    """RAD-75 root-last over the built-in source, or None when a remote Imaging Document
+    Source takes part (then the consolidated store-and-forward answer)."""
+    home = _home(services)
+    errors: list[XdsError] = []
+    ours: list[ImagingDocumentRequest] = []
+    for doc in request.documents:
+        problem = check_request_home(doc.home_community_id, home, doc.document_unique_id)
+        if problem is None:
+            ours.append(doc)
+        else:
+            errors.append(problem)
+    _local, shares = remote_imaging_shares(services, request, ours)
+    if shares:
+        return None
+    if not ours:
+        body = _as_responding(render_retrieve_document_set_response(
+            ResponseStatus.FAILURE, [], [], content_id_for=lambda _d: ""), home, errors)
+        return SoapResponse(body=body, cleanup=[spool])
+    inner = live_response(services, replace(request, documents=tuple(ours)), spool)
+    live = inner.live
+    if live is None:  # nothing to stream: the plain answer
+        return SoapResponse(body=_as_responding(inner.body, home, errors),
+                            attachments=inner.attachments, cleanup=inner.cleanup)
+
+    def finish() -> etree._Element:
+        return _as_responding(live.finish(), home, errors)
+
+    return SoapResponse(body=_as_responding(inner.body, home, errors), cleanup=inner.cleanup,
+                        live=LiveAttachments(live.parts, finish, live.close))
+
+
 def cross_gateway_retrieve_imaging(services: Services, ctx: RequestContext,
                                    body: etree._Element) -> SoapResponse:
     """RAD-75: xdsi:RetrieveImagingDocumentSetRequest -> xds-b:RetrieveDocumentSetResponse
-    with the instances as MTOM attachments."""
+    with the instances as MTOM attachments (streamed, root last, when so configured)."""
     home = _home(services)
     spool = ctx.spool_dir / "rad75"
+    if reply_order(services.config) == ROOT_LAST:
+        try:
+            streamed = _live_local(services, ctx, parse_request(body), spool)
+        except XdsFailure:
+            streamed = None  # answered below, as always
+        except Exception as exc:  # an error value, never a trace to the edge
+            log.error("RAD-75 failed: %s", type(exc).__name__)
+            log.debug("RAD-75 failed", exc_info=exc)
+            streamed = None
+        if streamed is not None:
+            return streamed
     try:
         request = parse_request(body)
         status, documents, errors = retrieve_local_imaging(services, request, spool, ctx)

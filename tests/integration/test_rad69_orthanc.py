@@ -46,6 +46,7 @@ def gateway_for(tmp_path_factory: pytest.TempPathFactory,
     running: dict[tuple[object, ...], tuple[LiveGateway, object]] = {}
 
     def make(**pacs: object) -> LiveGateway:
+        pacs = {k: v for k, v in pacs.items() if v is not None}  # None: the default
         key = tuple(sorted(pacs.items()))
         if key not in running:
             workdir = tmp_path_factory.mktemp("rad69-gateway")
@@ -96,10 +97,16 @@ NIST_STUDIES = ("1.3.6.1.4.1.21367.201599.1.201606010958036",
                 "1.3.6.1.4.1.5962.1.2.1.20040119072730.12322")  # the last: pydicom CT_small
 
 
-@pytest.mark.parametrize("method", ["c-get", "c-move"])
-def test_byte_exact_against_getscu(method: str, gateway_for: GatewayFactory,
-                                   orthanc: OrthancFixture, tmp_path: Path) -> None:
-    gateway = gateway_for(retrieve=method)
+@pytest.mark.parametrize(("method", "engine"), [
+    pytest.param("c-get", None, id="c-get-builtin"),  # None: the default engine, builtin
+    pytest.param("c-get", "pynetdicom", id="c-get-pynetdicom"),
+    pytest.param("c-move", None, id="c-move")])
+def test_byte_exact_against_getscu(method: str, engine: str | None,
+                                   gateway_for: GatewayFactory, orthanc: OrthancFixture,
+                                   tmp_path: Path) -> None:
+    """RAD-69 through the gateway returns every instance byte-exact as getscu fetches it,
+    with either C-GET engine ([pacs] dimse_engine) and with C-MOVE."""
+    gateway = gateway_for(retrieve=method, dimse_engine=engine)
     docs = [t for s in NIST_STUDIES for t in instances_of(orthanc, s)]
     reply, response = call(gateway, rad69_request(docs, [EXPLICIT_LE]), tmp_path / "reply")
     assert response.status == ResponseStatus.SUCCESS, response.errors

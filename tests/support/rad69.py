@@ -28,8 +28,10 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
 def configure_pacs(config: Path, *, port: int, called_ae_title: str = "ORTHANC",
                    retrieve: str = "c-get", move_port: int = 11112,
                    move_ae_title: str = "XDSI-GW", imaging_source_unique_id: str = NIST_SOURCE,
-                   associations: int = 3, timeout_seconds: int = 10) -> None:
-    """Point a written gateway configuration at a PACS (rewrites the file in place)."""
+                   associations: int = 3, timeout_seconds: int = 10,
+                   dimse_engine: str | None = None, response_order: str | None = None) -> None:
+    """Point a written gateway configuration at a PACS (rewrites the file in place).
+    `dimse_engine` and `response_order` are written only when given (else the defaults)."""
     text = config.read_text()
     text = re.sub(r'(?m)^imaging_source_unique_id = ".*"$',
                   f'imaging_source_unique_id = "{imaging_source_unique_id}"', text)
@@ -45,6 +47,10 @@ move_port = {move_port}
 associations = {associations}
 timeout_seconds = {timeout_seconds}
 """
+    if dimse_engine is not None:
+        text += f'dimse_engine = "{dimse_engine}"\n'
+    if response_order is not None:
+        text += f'response_order = "{response_order}"\n'
     config.write_text(text)
 
 

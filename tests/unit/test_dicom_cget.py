@@ -186,6 +186,53 @@ def test_instances_spooled_and_unwanted_refused(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["1.2.9.1.1.dcm"]
 
 
+@pytest.mark.parametrize("recv_buffer", [1000, 1 << 18])
+def test_pdus_split_anywhere_by_tcp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    recv_buffer: int) -> None:
+    """PDU and PDV headers, command sets and data sets cut at arbitrary TCP boundaries (and
+    a receive buffer smaller than a PDU) still give byte-exact files."""
+    from gateway.dicom.ul import link
+
+    monkeypatch.setattr(link, "RECV_BUFFER", recv_buffer)
+    uids = ["1.2.9.1.1", "1.2.9.1.2"]
+    statuses: list[int] = []
+
+    def dribble(sock: socket.socket, data: bytes) -> None:
+        sizes, pos, k = (1, 5, 6, 7, 4093, 3, 12_000), 0, 0
+        while pos < len(data):
+            sock.sendall(data[pos:pos + sizes[k % len(sizes)]])
+            pos += sizes[k % len(sizes)]
+            k += 1
+            if k % 50 == 0:
+                time.sleep(0.001)  # let the reader see the pieces apart
+
+    def script(sock: socket.socket) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        accept(sock)
+        rq, _cid = recv_message(sock)
+        for n, uid in enumerate(uids):
+            data = _dataset(uid)
+            dribble(sock, p_data(3, store_rq(201 + n, uid), is_command=True, last=True)
+                    + p_data(3, data[:3], is_command=False, last=False)
+                    + p_data(3, data[3:30_001], is_command=False, last=False)
+                    + p_data(3, data[30_001:], is_command=False, last=True))
+            rsp, _ = recv_message(sock)
+            statuses.append(command.us(rsp, command.STATUS))
+        dribble(sock, p_data(1, get_rsp(command.us(rq, command.MESSAGE_ID), 0x0000),
+                             is_command=True, last=True))
+        release(sock)
+
+    with peer(script) as (pacs, errors):
+        got, failed, error, _t = _run(pacs, tmp_path, REFS)
+    assert errors == [] and error is None and failed == {}
+    assert statuses == [0x0000, 0x0000]
+    for rec, uid in zip(got, uids, strict=True):
+        assert rec.sop_instance_uid == uid
+        assert rec.path.read_bytes() == file_meta_header(CT, uid, EXPLICIT_LE) + _dataset(uid)
+        assert rec.size == rec.path.stat().st_size
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{u}.dcm" for u in uids]
+
+
 def test_failed_group_is_retried_instance_by_instance(tmp_path: Path) -> None:
     requests: list[int] = []
 

@@ -77,3 +77,61 @@ def test_app_factory_warms_the_pool_only_for_an_imaging_source(
     (tmp_path / "spool").mkdir()
     app_factory(config)
     assert calls == ([5] if source_id else [])
+
+
+def _long_uids(n: int) -> list[str]:
+    return [f"1.2.826.0.1.3680043.8.498.{10**37 + k}" for k in range(n)]  # 64 characters
+
+
+def test_uid_lists_fit_one_explicit_vr_identifier() -> None:
+    """A long SOP Instance UID list is cut so that each identifier keeps (0008,0018) as UI
+    in explicit VR (a 16-bit length), in order and without loss."""
+    import warnings
+
+    from pynetdicom.dsutils import encode
+
+    from gateway.dicom.cget import uid_batches
+
+    uids = _long_uids(2500)
+    batches = uid_batches(uids)
+    assert [u for b in batches for u in b] == uids
+    assert len(batches) == 3  # 1008 x 65 bytes fit in 0xFFFE, not 1009
+    for batch in batches:
+        ds = Dataset()
+        ds.SOPInstanceUID = batch
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # pydicom warns when it falls back to UN
+            raw = encode(ds, False, True)
+        assert raw is not None and raw[4:6] == b"UI"
+    assert uid_batches(uids[:10]) == [uids[:10]]
+    assert uid_batches([]) == []
+
+
+def test_resolve_queries_long_uid_lists_in_several_c_finds(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.config import PacsConfig
+    from gateway.imaging import plan
+    from gateway.imaging.request import ImagingDocumentRequest
+
+    uids = _long_uids(1500)
+    queries: list[list[str]] = []
+
+    def find(pacs: object, level: str, keys: dict[str, object], **_kw: object
+             ) -> list[Dataset]:
+        assert level == "IMAGE"
+        asked = keys["SOPInstanceUID"]
+        assert isinstance(asked, list)
+        queries.append(asked)
+        out = []
+        for uid in asked:
+            ds = Dataset()
+            ds.SOPInstanceUID, ds.SeriesInstanceUID, ds.SOPClassUID = uid, "1.9.1", CT
+            out.append(ds)
+        return out
+
+    monkeypatch.setattr(plan, "find", find)
+    docs = [ImagingDocumentRequest("1.9", "1.9.1", "1.3.6", uid) for uid in uids]
+    resolution = plan.resolve(PacsConfig(), docs)
+    assert len(queries) == 2 and sorted(u for q in queries for u in q) == sorted(uids)
+    assert resolution.errors == []
+    assert [ref.sop_instance_uid for ref, _d in resolution.found] == uids

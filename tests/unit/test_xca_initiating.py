@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,24 @@ class FakePool:
         with self.lock:
             self.calls.append((url, action, body))
         return self.responders[url.split("//")[1][0]](url, action, body, spool_dir)
+
+    @contextmanager
+    def stream(self, url: str, action: str, body: etree._Element, *, read_timeout: float,
+               spool_dir: Path, deadline: float | None = None, headers: Any = ()
+               ) -> Iterator[Any]:
+        """OutboundPool.stream over `call`: the root first, then the attachments."""
+        whole = self.call(url, action, body, read_timeout=read_timeout, spool_dir=spool_dir,
+                          headers=headers)
+
+        class Streamed:
+            complete = False
+
+            def events(self) -> Iterator[Any]:
+                yield SoapReply(whole.http_status, whole.envelope, whole.body, {})
+                yield from whole.attachments.values()
+                self.complete = True
+
+        yield Streamed()
 
 
 @pytest.fixture

@@ -38,6 +38,17 @@ class Attachment:
     sha1: str | None = None
 
 
+@dataclass(frozen=True, eq=False)
+class StreamedAttachment:
+    """A MIME part of an MTOM response whose content is not in a file: `chunks` yields its
+    bytes as they arrive (an initiating gateway piping a community's part through; the
+    iterator raises when the part cannot be completed). Iterated once, by the edge."""
+
+    content_id: str  # without "cid:" and without angle brackets
+    chunks: Iterator[bytes]
+    content_type: str = "application/octet-stream"
+
+
 @dataclass
 class RequestContext:
     endpoint: str
@@ -66,14 +77,15 @@ class LiveAttachments:
     """Attachments produced while the response is being written, the body rendered last.
 
     The edge writes each attachment `parts` yields as an MTOM part as soon as it is yielded
-    (its file complete), then calls `finish()` once `parts` is exhausted for the response
-    body, whose xop:Include hrefs name the parts already written; the root part goes last,
+    (its file complete, or its chunks as they come: `StreamedAttachment`), then calls
+    `finish()` once `parts` is exhausted for the response body, whose xop:Include hrefs name
+    the parts already written; the root part goes last,
     named by the multipart `start` parameter (gateway.soap.mtom.mtom_stream). `close()` is
     called exactly once when the response ends, completed or not (client gone): it stops the
     producer and must return only when nothing writes to the handler's files any more.
     """
 
-    parts: Iterator[Attachment]
+    parts: Iterator[Attachment | StreamedAttachment]
     finish: Callable[[], etree._Element]
     close: Callable[[], None] = field(default=lambda: None)
     # The root part FIRST instead: `finish()` is called before `parts` is iterated, and the

@@ -12,6 +12,9 @@ MIME part of the reply as soon as its closing delimiter is read: every attachmen
 `Attachment` (its file in the spool folder complete, never in memory), the root part as a
 `SoapReply` (parsed by the hardened parser, without attachments) wherever it comes, first or
 last. The caller passes the parts on while the rest still arrives (gateway.xca.initiating).
+With `pipe_after_root`, a part that comes after the root is not spooled: it is yielded as a
+`gateway.soap.multipart.PartStream` as soon as its headers are read, its bytes handed over
+chunk by chunk as they arrive (`iter_multipart_piped`).
 """
 
 from __future__ import annotations
@@ -32,7 +35,14 @@ from urllib3.exceptions import ProtocolError
 from gateway.ebrim.xmlsafe import parse_xml
 from gateway.ns import SOAP12, WSA, q
 from gateway.soap.mtom import mtom_response, parse_multipart, resolve_cid
-from gateway.soap.multipart import AttachmentMap, MultipartError, RootPart, iter_multipart
+from gateway.soap.multipart import (
+    AttachmentMap,
+    MultipartError,
+    PartStream,
+    RootPart,
+    iter_multipart,
+    iter_multipart_piped,
+)
 from gateway.transactions import Attachment
 
 MAX_ENVELOPE_BYTES = 64 * 1024 * 1024
@@ -121,12 +131,14 @@ class SoapClient:
 
     def stream(self, path: str, action: str, body: etree._Element, *, spool_dir: Path,
                headers: Sequence[etree._Element] = (),
-               deadline: float | None = None) -> StreamedReply:
+               deadline: float | None = None, pipe_after_root: bool = False) -> StreamedReply:
         """POST one request and return its reply unread: `StreamedReply.events()` yields the
         parts as they arrive (module docstring). `deadline` (time.monotonic()) bounds the
-        whole reply, on top of the read timeout of every socket read. Close the reply."""
+        whole reply, on top of the read timeout of every socket read. With
+        `pipe_after_root`, the parts after the root are not spooled but handed over chunk by
+        chunk (`PartStream`). Close the reply."""
         resp = self._post(path, action, body, (), False, headers)
-        return StreamedReply(resp, spool_dir, deadline)
+        return StreamedReply(resp, spool_dir, deadline, pipe_after_root=pipe_after_root)
 
     def _post(self, path: str, action: str, body: etree._Element,
               attachments: Sequence[Attachment], force_mtom: bool,
@@ -219,8 +231,10 @@ class StreamedReply:
     (idempotent) closes the HTTP response; the connection is reused only when the whole
     reply was read (`complete`)."""
 
-    def __init__(self, resp: requests.Response, spool_dir: Path, deadline: float | None):
+    def __init__(self, resp: requests.Response, spool_dir: Path, deadline: float | None, *,
+                 pipe_after_root: bool = False):
         self.response = resp
+        self.pipe_after_root = pipe_after_root
         self.http_status = resp.status_code
         self.content_type = resp.headers.get("Content-Type", "")
         self.spool_dir = spool_dir
@@ -228,17 +242,19 @@ class StreamedReply:
         self.complete = False
         self.root: SoapReply | None = None
         self.parts: dict[str, Attachment] = {}
-        self._events: Iterator[Attachment | SoapReply] | None = None
+        self._events: Iterator[Attachment | PartStream | SoapReply] | None = None
 
-    def events(self) -> Iterator[Attachment | SoapReply]:
+    def events(self) -> Iterator[Attachment | PartStream | SoapReply]:
         """The one iterator of this reply's parts (`_read`); every call returns it."""
         if self._events is None:
             self._events = self._read()
         return self._events
 
-    def _read(self) -> Iterator[Attachment | SoapReply]:
+    def _read(self) -> Iterator[Attachment | PartStream | SoapReply]:
         """Every attachment as it completes and the root part (a `SoapReply` without
-        attachments) when it is read, in the order of the message. Raises `MultipartError`
+        attachments) when it is read, in the order of the message; with `pipe_after_root`
+        every attachment after the root as a `PartStream` once its headers are read (read
+        its chunks before the next event; `iter_multipart_piped`). Raises `MultipartError`
         (malformed or cut short), `ValueError` (root not XML or too large), `ReplyTimeout`,
         and requests' / urllib3's read errors and timeouts."""
         resp = self.response
@@ -252,12 +268,21 @@ class StreamedReply:
             self.complete = True
             yield self.root
             return
-        for item in iter_multipart(reader, self.content_type, self.spool_dir,
+        items: Iterator[RootPart | Attachment | PartStream]
+        if self.pipe_after_root:
+            items = iter_multipart_piped(reader, self.content_type, self.spool_dir,
+                                         max_envelope_bytes=MAX_ENVELOPE_BYTES,
+                                         max_total_bytes=1 << 40)
+        else:
+            items = iter_multipart(reader, self.content_type, self.spool_dir,
                                    max_envelope_bytes=MAX_ENVELOPE_BYTES,
-                                   max_total_bytes=1 << 40):
+                                   max_total_bytes=1 << 40)
+        for item in items:
             if isinstance(item, RootPart):
                 self.root = _soap_reply(self.http_status, item.data, {})
                 yield self.root
+            elif isinstance(item, PartStream):
+                yield item
             else:
                 self.parts[item.content_id] = item
                 yield item

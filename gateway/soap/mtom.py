@@ -13,7 +13,8 @@ Outbound, `mtom_response()` frames an envelope and attachment files as multipart
 an exact Content-Length, and streams the files from disk in chunks; `mtom_stream()` frames
 attachments as they are produced and the envelope last (root named by `start`, no length:
 the response is chunked), for handlers that return `SoapResponse.live`, or, with
-`root_first`, the envelope first and the attachments as they are produced.
+`root_first`, the envelope first and the attachments as they are produced (from files, or
+chunk by chunk: `gateway.transactions.StreamedAttachment`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from gateway.soap.multipart import (
     parse_multipart_ex,
     resolve_cid,
 )
-from gateway.transactions import Attachment
+from gateway.transactions import Attachment, StreamedAttachment
 
 __all__ = [
     "ROOT_CONTENT_ID",
@@ -179,7 +180,7 @@ class LiveMtomResponse:
     last (see `mtom_stream`). Iterate once; `close()` closes the producer and runs
     `on_close` exactly once."""
 
-    def __init__(self, boundary: bytes, parts: Iterator[Attachment],
+    def __init__(self, boundary: bytes, parts: Iterator[Attachment | StreamedAttachment],
                  root: Callable[[], bytes], fallback_root: bytes | None, chunk_size: int,
                  on_close: Callable[[], None] | None = None, *, root_first: bool = False):
         self._root_first = root_first
@@ -214,14 +215,19 @@ class LiveMtomResponse:
         if self._root_first:
             pending = self._root_part() + b"\r\n"
         for att in self._parts:
-            size = att.path.stat().st_size
+            size = 0 if isinstance(att, StreamedAttachment) else att.path.stat().st_size
             pending += dash + b"\r\n" + _part_header(
                 _header_safe(att.content_type or "application/octet-stream", "content type"),
                 _header_safe(att.content_id, "content id"))
             # The small header goes as its own write: cheaper than copying it in front of
             # the first chunk of the file.
             yield pending
-            yield from iter_file(att.path, size, self._chunk)
+            if isinstance(att, StreamedAttachment):
+                for chunk in att.chunks:
+                    if chunk:  # an empty write would end a chunked HTTP body
+                        yield chunk
+            else:
+                yield from iter_file(att.path, size, self._chunk)
             pending = b"\r\n"
             self.parts_written += 1
         if self._root_first:
@@ -242,7 +248,7 @@ class LiveMtomResponse:
                 self._on_close()
 
 
-def mtom_stream(parts: Iterator[Attachment], root: Callable[[], bytes], *,
+def mtom_stream(parts: Iterator[Attachment | StreamedAttachment], root: Callable[[], bytes], *,
                 fallback_root: bytes | None = None, soap_action: str | None = None,
                 chunk_size: int = DEFAULT_CHUNK, on_close: Callable[[], None] | None = None,
                 root_first: bool = False) -> tuple[str, LiveMtomResponse]:
@@ -262,8 +268,9 @@ def mtom_stream(parts: Iterator[Attachment], root: Callable[[], bytes], *,
     every MTOM client), then each attachment as it is produced: for a producer that knows
     the whole root before its parts (an initiating gateway passing on a root-first reply).
     The root then names parts not yet written: a producer that cannot deliver one must
-    raise from `parts`, which breaks the response off (no closing boundary, the chunked
-    body not terminated) rather than end it with a root that lies.
+    raise from `parts` (or from the `chunks` of a `StreamedAttachment`, whose bytes are
+    written as they come, without a file), which breaks the response off (no closing
+    boundary, the chunked body not terminated) rather than end it with a root that lies.
     """
     boundary = "MIMEBoundary_" + uuid.uuid4().hex
     ctype = (f'multipart/related; boundary="{boundary}"; type="application/xop+xml"; '

@@ -12,6 +12,9 @@ still arrives (Linux), so that the fsync of a document the repository keeps has 
 wait for.
 `iter_multipart` yields the parts one by one as each completes (the root wherever it comes),
 for callers that pass a message on while it arrives; `parse_multipart` collects them.
+`iter_multipart_piped` hands each part that comes after the root over while it arrives,
+without a file: a `PartStream` whose chunks (`PartChunks`, bounded, read before the next
+part) are the part's bytes as received, for a gateway piping a root-first reply through.
 Nothing here knows WSGI or SOAP: `gateway.soap.mtom` builds the middleware and the outbound
 side on top of it.
 
@@ -25,7 +28,7 @@ from __future__ import annotations
 import binascii
 import hashlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -38,6 +41,8 @@ MAX_PARTS = 10_000
 MAX_PREAMBLE = 64 * 1024
 MAX_PADDING = 256  # transport padding (spaces, tabs) allowed after a boundary
 DEFAULT_CHUNK = 256 * 1024
+# A piped part's chunks (`iter_multipart_piped`) are at least this long, but its last.
+MIN_PIPED_CHUNK = 64 * 1024
 # With early writeback, every WRITEBACK_STEP bytes written to a part's file are handed to the
 # kernel's writeback (posix_fadvise DONTNEED on dirty pages starts writing them and keeps them
 # cached: only clean pages are dropped).
@@ -363,23 +368,26 @@ class _Parser:
         self.pos = 0
         return True
 
-    def _refill_part(self, sink: _Sink) -> bool:
-        """`fill()` for `read_part` once the buffer holds only a tail that may begin a
+    def _refill_scan(self) -> bytes | None:
+        """`fill()` for `scan_part` once the buffer holds only a tail that may begin a
         delimiter: when no delimiter starts in that tail or at the new block's first byte
-        (the tail plus the block's first delimiter-length bytes tell), the tail goes to
-        `sink` and the block becomes the buffer as it is, without copying it behind the
-        tail (each block of a large part would otherwise be copied once more)."""
+        (the tail plus the block's first delimiter-length bytes tell), the tail is returned
+        (part data, for the caller to pass on) and the block becomes the buffer as it is,
+        without copying it behind the tail (each block of a large part would otherwise be
+        copied once more). Returns b"" when the tail stays in the buffer, None at the end of
+        the input."""
         data = self._read()
         if not data:
-            return False
+            return None
         tail, pat = self.buf[self.pos:], self.delim
+        out = b""
         if tail and len(data) >= len(pat) and pat not in tail + data[:len(pat)]:
-            sink.write(tail)
+            out = tail
             self.buf = data
         else:
             self.buf = tail + data if tail else data
         self.pos = 0
-        return True
+        return out
 
     def need(self, n: int) -> bool:
         """At least `n` bytes from `pos` in the buffer; False if the input ends first."""
@@ -395,6 +403,19 @@ class _Parser:
         Returns True when the delimiter was the closing one ("--boundary--"). The buffer is
         consumed by moving `pos`, never by copying what follows a delimiter.
         """
+        scan = self.scan_part(eof_reason)
+        write = sink.write
+        while True:
+            try:
+                piece = next(scan)
+            except StopIteration as stop:
+                return bool(stop.value)
+            write(piece)
+
+    def scan_part(self, eof_reason: str = "multipart body ends without its closing boundary"
+                  ) -> Generator[bytes | memoryview, None, bool]:
+        """`read_part` as a generator: yields the part's bytes (views of the buffer, at most
+        about one read block each) and returns True when the delimiter was the closing one."""
         pat = self.delim
         plen = len(pat)
         rel = 0  # where to search from, relative to pos
@@ -405,11 +426,14 @@ class _Parser:
                 # Keep back enough to hold a delimiter split across reads, plus its CR.
                 n = len(buf) - plen
                 if n > pos:
-                    sink.write(memoryview(buf)[pos:n])
+                    yield memoryview(buf)[pos:n]
                     self.pos = n
                 rel = 0
-                if not self._refill_part(sink):
+                tail = self._refill_scan()
+                if tail is None:
                     raise MultipartError(eof_reason)
+                if tail:
+                    yield tail
                 continue
             r_idx = idx - pos  # positions relative to pos survive need()/fill()
             r_after = r_idx + plen
@@ -434,9 +458,9 @@ class _Parser:
                     rel = r_idx + 1
                     continue
             r_end = r_idx - 1 if r_idx > 0 and buf[pos + r_idx - 1] == 0x0D else r_idx
-            if r_end > 0:
-                sink.write(memoryview(buf)[pos:pos + r_end])
             self.pos = pos + r_nxt
+            if r_end > 0:
+                yield memoryview(buf)[pos:pos + r_end]
             return closing
 
     def read_headers(self) -> dict[str, str]:
@@ -572,6 +596,139 @@ def iter_multipart(stream: Readable, content_type: str, spool_dir: Path, *,
     boundary (a part cut mid-way) and, after the last part, when no root part came. Files
     already written stay in `spool_dir` for the caller to remove (also when the generator is
     closed early: the part being written is closed, not removed)."""
+    for item in _iter_parts(stream, content_type, spool_dir,
+                            max_envelope_bytes=max_envelope_bytes,
+                            max_total_bytes=max_total_bytes, content_length=content_length,
+                            chunk_size=chunk_size, sha1=sha1, early_writeback=early_writeback,
+                            pipe_after_root=False):
+        assert not isinstance(item, PartStream)
+        yield item
+
+
+def iter_multipart_piped(stream: Readable, content_type: str, spool_dir: Path, *,
+                         max_envelope_bytes: int, max_total_bytes: int,
+                         content_length: int | None = None,
+                         chunk_size: int = DEFAULT_CHUNK
+                         ) -> Iterator[RootPart | Attachment | PartStream]:
+    """`iter_multipart`, except that every part with a Content-ID that comes AFTER the root
+    part is not spooled: it is yielded as a `PartStream` as soon as its headers are read,
+    whose `chunks` hand over its bytes as they arrive (exactly as received; base64 decoded),
+    without a file and without holding the part in memory (each chunk at most about
+    `chunk_size` bytes plus a delimiter's length). Parts before the root are spooled to
+    `spool_dir` as `Attachment`s, as `iter_multipart` does.
+
+    A `PartStream`'s chunks must be read before the next part is asked for: asking for the
+    next part reads (and drops) what the consumer left of the current one, and reading its
+    chunks after that raises RuntimeError. A part cut mid-way raises `MultipartError` from
+    its chunks (and from the next request for a part); the limits are those of
+    `iter_multipart` (`max_total_bytes` for the whole message)."""
+    return _iter_parts(stream, content_type, spool_dir, max_envelope_bytes=max_envelope_bytes,
+                       max_total_bytes=max_total_bytes, content_length=content_length,
+                       chunk_size=chunk_size, sha1=False, early_writeback=False,
+                       pipe_after_root=True)
+
+
+class PartChunks:
+    """The bytes of one MIME part, read from the parser as they are asked for (the
+    iterator of `PartStream.chunks`): small pieces (the tail a read kept back in case it
+    began a delimiter) are joined to the next, so every chunk but a part's last is at least
+    `MIN_PIPED_CHUNK` bytes (or the part's rest)."""
+
+    def __init__(self, parser: _Parser, base64: bool):
+        self._scan = parser.scan_part()
+        self._b64: _Base64Sink | None = None
+        self._decoded: _ListSink | None = None
+        if base64:
+            self._decoded = _ListSink()
+            self._b64 = _Base64Sink(self._decoded)
+        self.done = False  # the part's closing delimiter has been read
+        self.closing = False  # ... and it was the message's closing one
+        self.dropped = False  # the parser moved on to the next part
+        self.size = 0  # bytes handed over
+
+    def __iter__(self) -> PartChunks:
+        return self
+
+    def __next__(self) -> bytes:
+        if self.dropped:
+            raise RuntimeError("a MIME part's chunks read after the next part was asked for")
+        held: list[bytes | memoryview] = []
+        length = 0
+        while not self.done and length < MIN_PIPED_CHUNK:
+            try:
+                piece: bytes | memoryview = next(self._scan)
+            except StopIteration as stop:
+                self.done, self.closing = True, bool(stop.value)
+                if self._b64 is not None:
+                    assert self._decoded is not None
+                    self._b64.close()
+                    piece = self._decoded.take()
+                    held.append(piece)
+                    length += len(piece)
+                break
+            if self._b64 is not None:
+                assert self._decoded is not None
+                self._b64.write(piece)
+                piece = self._decoded.take()
+            held.append(piece)
+            length += len(piece)
+        if not length:
+            raise StopIteration
+        self.size += length
+        return bytes(held[0]) if len(held) == 1 else b"".join(held)
+
+    def drain(self) -> bool:
+        """Read what is left of the part (dropped); whether its delimiter was the closing
+        one. Later reads of the chunks raise RuntimeError."""
+        while not self.done:
+            try:
+                piece = next(self._scan)
+            except StopIteration as stop:
+                self.done, self.closing = True, bool(stop.value)
+                break
+            if self._b64 is not None:
+                self._b64.write(piece)  # still validated
+                assert self._decoded is not None
+                self._decoded.take()
+        self.dropped = True
+        return self.closing
+
+
+class _ListSink:
+    """Collects what a `_Base64Sink` decodes, for `PartChunks` to take."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self._out: list[bytes] = []
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.size += len(data)
+        self._out.append(bytes(data))
+
+    def take(self) -> bytes:
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class PartStream:
+    """An attachment part handed over while it arrives (`iter_multipart_piped`): its
+    Content-ID (bare), Content-Type and its bytes (`chunks`, an iterator to read before
+    asking for the next part)."""
+
+    content_id: str
+    content_type: str
+    chunks: PartChunks
+
+
+def _iter_parts(stream: Readable, content_type: str, spool_dir: Path, *,
+                max_envelope_bytes: int, max_total_bytes: int, content_length: int | None,
+                chunk_size: int, sha1: bool, early_writeback: bool, pipe_after_root: bool
+                ) -> Iterator[RootPart | Attachment | PartStream]:
     media, params = parse_content_type(content_type)
     if not media.startswith("multipart/"):
         raise MultipartError(f"not a multipart message: {media or 'no Content-Type'}", 415)
@@ -604,14 +761,22 @@ def iter_multipart(stream: Readable, content_type: str, spool_dir: Path, *,
             raise MultipartError(f"unsupported Content-Transfer-Encoding: {cte[:40]}")
         is_root = not have_root and ((not start and count == 1) or
                                      (bool(start) and (cid == start or unquote(cid) == start_key)))
+        if not is_root and cid and (cid in seen or _cid_key(cid) in seen):
+            raise MultipartError(f"duplicate Content-ID in multipart body: <{cid[:200]}>")
+        if pipe_after_root and have_root and cid:
+            seen.update((cid, _cid_key(cid)))
+            chunks = PartChunks(parser, cte == "base64")
+            yield PartStream(cid, ctype, chunks)
+            closed = chunks.drain()
+            continue
         sink: _Sink
         file_sink: _FileSink | None = None
         if is_root:
             mem = _MemorySink(max_envelope_bytes, "the root part (SOAP envelope)")
             sink = mem
+        elif pipe_after_root and have_root:  # no Content-ID: nothing can reference it
+            sink = _NullSink(max_total_bytes, "a MIME part exceeds max_request_bytes")
         else:
-            if cid and (cid in seen or _cid_key(cid) in seen):
-                raise MultipartError(f"duplicate Content-ID in multipart body: <{cid[:200]}>")
             file_sink = _FileSink(spool_dir / f"part-{count:05d}.bin", sha1=sha1,
                                   writeback=early_writeback)
             sink = file_sink

@@ -141,10 +141,12 @@ class OutboundPool:
     @contextmanager
     def stream(self, url: str, action: str, body: etree._Element, *, read_timeout: float,
                spool_dir: Path, deadline: float | None = None,
-               headers: Sequence[etree._Element] = ()) -> Iterator[StreamedReply]:
+               headers: Sequence[etree._Element] = (),
+               pipe_after_root: bool = False) -> Iterator[StreamedReply]:
         """`call`, streaming: the reply unread, its parts yielded as they arrive
         (`StreamedReply.events()`), bounded by the same connect and read timeouts and, with
-        `deadline` (time.monotonic()), as a whole. The reply is closed on exit; the client
+        `deadline` (time.monotonic()), as a whole; `pipe_after_root`: the parts after the root
+        handed over chunk by chunk (`SoapClient.stream`). The reply is closed on exit; the client
         goes back to the pool only when the whole reply was read."""
         origin, path = split_url(url)
         with self._lock:
@@ -156,7 +158,7 @@ class OutboundPool:
         reply: StreamedReply | None = None
         try:
             reply = client.stream(path, action, body, spool_dir=spool_dir, headers=headers,
-                                  deadline=deadline)
+                                  deadline=deadline, pipe_after_root=pipe_after_root)
             yield reply
         finally:
             if reply is not None:

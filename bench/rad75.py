@@ -19,8 +19,10 @@ returning every instance.
 
 --response-order sets B's [pacs] response_order (its RAD-69 and RAD-75 replies) and A's
 [xca] response_order. root-first (default): A reads B's root, writes its own root at once
-and pipes B's parts to the consumer as they arrive (gateway.xca.initiating, "Streaming
-through"); root-last: A passes each part of B's root-last reply on as it completes and
+and pipes B's parts to the consumer as they arrive, chunk by chunk without a spool file
+(gateway.xca.initiating, "Streaming through"; A is run with [xca] pipe_root_first = true,
+which the gateway's own default leaves off; --store-and-forward measures that default);
+root-last: A passes each part of B's root-last reply on as it completes (spooled) and
 writes its root last. Also prints the CPU seconds each gateway used per retrieve (all its
 processes), a figure that does not depend on the other load of the machine.
 
@@ -32,15 +34,23 @@ medians of 7, the three runs one after the other:
   root-first, piped: direct 0.50 s, via A 0.63 s, ratio 0.79 (0.72-0.83 over four runs);
   root-last, streamed: direct 0.42 s, via A 0.57 s, ratio 0.74 (0.61-0.74; the direct
     root-last RAD-69 is itself faster, so the ratio is taken against a faster reference).
-RAD-75 straight at B costs the same as RAD-69 (0.44-0.53 s). A's hop no longer waits for
-B's whole reply, but it is CPU work on a saturated 2-core machine: A used 0.27-0.33 CPU
-seconds per retrieve streaming (TLS in, spool file, TLS out, chunked MTOM out), 0.19-0.29
-storing and forwarding in the same windows (CPU time itself inflates with the load), B
-0.26-0.30; with Orthanc and the client on the same two cores the extra hop cannot be free
-here (relaying in a thread or in the response's own thread measured the same; reading the
-reply with read1, a TLS record at a time, was no cheaper). Peak RSS: 84 MB the
-largest process of either gateway (A: 84, 70, 46, 46, 40, then 38-13; B the same within
-1 MB), the same as before.
+  root-first, piped chunk by chunk (no spool file per part; 2026-11-24, load average
+    0.6-1): before, with a spool file per part, direct 0.46 s, via A 0.62 s, ratio 0.75
+    (single runs 0.73-0.86), A 0.34 CPU s per retrieve; after, three runs of 7: ratio 0.87,
+    0.84, 0.81 (via A 0.48, 0.54, 0.55 s; direct 0.41, 0.45, 0.44 s; single runs 0.60-1.22),
+    A 0.19-0.21 CPU s per retrieve (B 0.18-0.21 in the same runs, 0.26-0.28 before: part
+    of the drop is the quieter machine, CPU time inflating with the load), peak RSS 86-87 MB
+    the largest process of A (84 before: the pipe holds at most 8 chunks of at most about
+    320 KiB per retrieve).
+RAD-75 straight at B costs the same as RAD-69 (0.44-0.53 s). A's hop no longer waits for B's
+whole reply, but it is CPU work on a saturated 2-core machine: A used 0.27-0.33 CPU seconds
+per retrieve streaming through spool files (TLS in, spool file, TLS out, chunked MTOM out;
+0.19-0.21 piped without them), 0.19-0.29 storing and forwarding in the same windows (CPU
+time itself inflates with the load), B 0.26-0.30; with Orthanc and the client on the same
+two cores the extra hop cannot be free here (relaying in a thread or in the response's own
+thread measured the same; reading the reply with read1, a TLS record at a time, was no
+cheaper). Peak RSS: 84 MB the largest process of either gateway (A: 84, 70, 46, 46, 40, then
+38-13; B the same within 1 MB), the same as before.
 """
 
 from __future__ import annotations
@@ -107,6 +117,10 @@ def main() -> None:
                     default="root-first",
                     help="[pacs] response_order of B (its RAD-69 and RAD-75 replies) and "
                          "[xca] response_order of A (root-last: A streams B's parts through)")
+    ap.add_argument("--store-and-forward", action="store_true",
+                    help="root-first: A reads B's whole reply before answering ([xca] "
+                         "pipe_root_first = false, the gateway's default) instead of piping "
+                         "B's parts through as they arrive (pipe_root_first = true)")
     ap.add_argument("--log-level", default="WARNING")
     args = ap.parse_args()
 
@@ -128,6 +142,7 @@ def main() -> None:
         running.append(gw_b)
         extra = (f"\n[xca]\nretrieve_timeout_seconds = 600\n"
                  f"response_order = \"{args.response_order}\"\n"
+                 f"pipe_root_first = {'false' if args.store_and_forward else 'true'}\n"
                  f"\n[[communities]]\nhome_community_id = \"{HB}\"\n"
                  f"imaging_retrieve_url = \"https://localhost:{pb}/xcai/responding\"\n")
         cfg_a = community_config(work / "a", pki, pa, HA, extra, workers=args.workers)

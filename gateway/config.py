@@ -18,6 +18,11 @@ OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
 AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5: no backslash, 16 chars max
 
 
+# The two orders of the gateway's MTOM replies ([pacs] / [xca] response_order).
+ROOT_FIRST = "root-first"
+ROOT_LAST = "root-last"
+
+
 class ConfigError(ValueError):
     """The configuration is wrong; the message names the key."""
 
@@ -179,6 +184,11 @@ class XcaConfig:
     # responding RAD-75): "root-first", "root-last" (streamed, root part last), or "" to
     # follow [pacs] response_order (gateway.xca.initiating, gateway.xca.responding_imaging).
     response_order: str = ""
+    # Root-first, one community whose reply is root-first: pass its parts through as they
+    # arrive (its root names them all before they come, so if it then breaks off, the answer
+    # is broken off too) instead of storing the whole reply first (then a failure is
+    # XDSUnavailableCommunity in a complete answer, ITI TF-2b 3.39.4.1.3).
+    pipe_root_first: bool = False
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,7 @@ class ResponseStatus:
     SUCCESS = "urn:oasis:names:tc:ebxml-regrep:ResponseStatusType:Success"
     FAILURE = "urn:oasis:names:tc:ebxml-regrep:ResponseStatusType:Failure"
     PARTIAL_SUCCESS = "urn:ihe:iti:2007:ResponseStatusType:PartialSuccess"
+    ALL = frozenset({SUCCESS, FAILURE, PARTIAL_SUCCESS})
 
 
 class Severity:

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 GET_MODEL = "1.2.840.10008.5.1.4.1.2.2.3"  # Study Root Q/R Information Model - GET
 IMPLICIT_LE = "1.2.840.10008.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
-PENDING = frozenset({0xFF00, 0xFF01})
+PENDING = frozenset({0xFF00, 0xFF01})  # FF00 per PS3.4 C.4.3.1.4; FF01 tolerated
 # The SOP Instance UID list of one C-GET/C-MOVE identifier: in explicit VR a UI value has a
 # 16-bit length, so a longer list would have to be sent as UN (pydicom does that, with a
 # warning), which a PACS may not read; longer lists are split over several requests.
@@ -343,6 +343,14 @@ def proposed_contexts(sop_classes: Sequence[str], transfer_syntaxes: Sequence[st
     return out
 
 
+def refused_scp_roles(roles: dict[str, tuple[bool, bool]], classes: Sequence[str]
+                      ) -> set[str]:
+    """The storage SOP classes whose SCP role (ours, for the C-STORE sub-operations) the PACS
+    explicitly refused in its SCP/SCU Role Selection answer (PS3.7 D.3.3.4). A class it did
+    not answer for is not counted: PACS that leave the item out still send C-STOREs."""
+    return {c for c in classes if c in roles and not roles[c][1]}
+
+
 def run_c_get(pacs: PacsConfig, instances: Sequence[InstanceRef],
               transfer_syntaxes: Sequence[str], spool: Path, timeout: float,
               on_stored: OnStored, *, deadline: float | None = None
@@ -362,10 +370,17 @@ def run_c_get(pacs: PacsConfig, instances: Sequence[InstanceRef],
         try:
             if 1 not in link.accepted.contexts:
                 raise PacsError("rejected", "the PACS did not accept the Q/R Get model")
+            refused = refused_scp_roles(link.accepted.roles, classes)
+            for i in instances:
+                if i.sop_class_uid in refused:
+                    failed[i.sop_instance_uid] = (
+                        f"the PACS refused the SCP role for SOP class {i.sop_class_uid}, so it "
+                        "cannot send it with C-GET (PS3.7 D.3.3.4)")
             session = CGetSession(link, 1, spool, {i.sop_instance_uid for i in instances},
                                   on_stored)
             for (study, series), uids in groups.items():
-                for batch in uid_batches(uids):
+                uids = [u for u in uids if u not in failed]
+                for batch in uid_batches(uids) if uids else []:
                     _get_group(session, study, series, batch, failed)
         finally:
             if not link.closed:

@@ -163,8 +163,6 @@ def _dispatch(reports: SimpleQueue[Any]) -> None:
             item = reports.get()
         except (EOFError, OSError):
             return
-        if item is None:
-            return
         token, rec = item
         listener = _LISTENERS.get(token)
         if listener is not None:
@@ -398,15 +396,17 @@ def _pool(size: int) -> ProcessPoolExecutor:
                 _POOL.shutdown(wait=False)
             ctx = get_context("forkserver")
             ctx.set_forkserver_preload(["gateway.dicom.retrieve", "gateway.dicom.cget"])
-            reports: SimpleQueue[Any] = ctx.SimpleQueue()
+            if _POOL_REPORTS is None:
+                # One report queue and one dispatcher for the life of this process, shared
+                # by a pool that replaces a smaller one: the old pool's jobs still running
+                # keep reporting to a queue somebody reads.
+                _POOL_REPORTS = ctx.SimpleQueue()
+                threading.Thread(target=_dispatch, args=(_POOL_REPORTS,),
+                                 name="retrieve-reports", daemon=True).start()
             _POOL = ProcessPoolExecutor(max_workers=size, mp_context=ctx,
-                                        initializer=_init_pool_process, initargs=(reports,))
+                                        initializer=_init_pool_process,
+                                        initargs=(_POOL_REPORTS,))
             _POOL_SIZE = size
-            if _POOL_REPORTS is not None:  # end the previous pool's dispatcher
-                _POOL_REPORTS.put(None)
-            _POOL_REPORTS = reports
-            threading.Thread(target=_dispatch, args=(reports,), name="retrieve-reports",
-                             daemon=True).start()
         return _POOL
 
 

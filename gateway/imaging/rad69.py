@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 from lxml import etree
 from pydicom.uid import AllTransferSyntaxes
 
+from gateway.config import ROOT_FIRST, ROOT_LAST
 from gateway.dicom.errors import PacsError
 from gateway.ebrim.model import RetrievedDocument
 from gateway.ebrim.render import render_retrieve_document_set_response
@@ -71,8 +72,6 @@ log = logging.getLogger(__name__)
 MIME_DICOM = "application/dicom"
 CONTENT_ID_DOMAIN = "imaging-source.xdsi-gateway"
 KNOWN_SYNTAXES = frozenset(str(u) for u in AllTransferSyntaxes)
-ROOT_FIRST = "root-first"
-ROOT_LAST = "root-last"
 
 
 def _doc_error(code: str, context: str, doc: ImagingDocumentRequest) -> XdsError:
@@ -199,14 +198,14 @@ def live_response(services: Services, request: ImagingRequest, spool: Path) -> S
 
 
 _END = object()
+CLOSE_WAIT_SECONDS = 1.0  # how long close() waits for a retrieve still running
 
 
 class LiveRetrieve:
     """One root-last RAD-69: the retrieve runs in a thread; `parts()` yields each instance
     as the retrieve reports it (`on_received`, called in that thread, feeds a queue that can
     never hold more than one entry per instance, so it never blocks the retrieve), `finish()`
-    renders the root from what was sent and what failed, `close()` waits for the retrieve to
-    end (so that nothing writes into the spool folder when the edge removes it)."""
+    renders the root from what was sent and what failed, `close()` ends it (see there)."""
 
     def __init__(self, services: Services, resolution: Resolution,
                  syntaxes: tuple[str, ...], spool: Path, errors: list[XdsError]):
@@ -311,10 +310,13 @@ class LiveRetrieve:
             status, documents, errors, content_id_for=lambda d: content_ids[id(d)])
 
     def close(self) -> None:
-        """The response has ended (or the client went away): let the retrieve finish, bounded,
-        before the edge removes the spool folder."""
+        """The response has ended (or the client went away). A retrieve that has ended is
+        joined; one still running is not waited for beyond a second (the web server's thread
+        is freed): the edge then removes the spool folder, which makes the retrieve's next
+        file fail and its associations end, and the thread removes the folder again when the
+        retrieve has returned, in case something was still placed in it."""
         self._abandoned.set()
-        self._thread.join(max(0.0, self._started + self._bound - time.monotonic()))
+        self._thread.join(CLOSE_WAIT_SECONDS)
         if self._thread.is_alive():
             log.warning("RAD-69: the retrieve is still running after the response ended; "
                         "its spool folder is removed when it ends")

@@ -20,7 +20,7 @@ import re
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
@@ -213,18 +213,6 @@ class SoapEdge:
                 return start_response(status, headers)
             return start_response(status, headers, exc_info)
 
-        try:
-            result = self._soap[endpoint.path](environ, spyne_start_response)
-        except Exception as exc:  # a failure spyne did not turn into a fault
-            log.error("%s: SOAP edge failure: %s", endpoint.path, type(exc).__name__)
-            log.debug("SOAP edge failure", exc_info=True)
-            ex.close()
-            report = FaultReport(SoapFault(SoapFaultCode.RECEIVER, "Internal error"))
-            data = to_bytes(fault_envelope(report, relates_to=ex.message_id))
-            start_response(http_status_line(500),
-                           [("Content-Type", soap_content_type(FAULT_ACTION)),
-                            ("Content-Length", str(len(data)))], sys.exc_info())
-            return [data]
         def close() -> None:
             live = environ.get(LIVE_KEY)
             try:
@@ -233,6 +221,18 @@ class SoapEdge:
             finally:
                 ex.close()
 
+        try:
+            result = self._soap[endpoint.path](environ, spyne_start_response)
+        except Exception as exc:  # a failure spyne did not turn into a fault
+            log.error("%s: SOAP edge failure: %s", endpoint.path, type(exc).__name__)
+            log.debug("SOAP edge failure", exc_info=True)
+            close()  # a live response already started by the handler is stopped too
+            report = FaultReport(SoapFault(SoapFaultCode.RECEIVER, "Internal error"))
+            data = to_bytes(fault_envelope(report, relates_to=ex.message_id))
+            start_response(http_status_line(500),
+                           [("Content-Type", soap_content_type(FAULT_ACTION)),
+                            ("Content-Length", str(len(data)))], sys.exc_info())
+            return [data]
         return ClosingIterable(result, close)
 
     def _handler(self, transaction: Transaction) -> Handler:
@@ -375,12 +375,15 @@ class SoapEdge:
 def _audited_live(live: LiveAttachments,
                   record: Callable[[etree._Element | None, int | None], None]
                   ) -> LiveAttachments:
-    """`live` whose audit record is written exactly once: with the body when `finish()`
-    returns (outcome from its status), with no body and outcome 12 when `finish()` raises,
-    or with no body and outcome 8 (serious failure: the response was not delivered) when the
-    response is closed before `finish()` ran (client gone). `close()` becomes idempotent."""
+    """`live` whose audit record is written exactly once, when the response is complete:
+    with the body (outcome from its status) once both the root and every part have gone out,
+    with no body and outcome 12 when `finish()` raises, or with outcome 8 (serious failure:
+    the response was not delivered) when the response is closed before it was complete
+    (client gone, or a root-first response broken off after its root: then with that root).
+    `close()` becomes idempotent."""
     lock = threading.Lock()
-    state = {"recorded": False, "closed": False}
+    state: dict[str, Any] = {"recorded": False, "closed": False, "parts_done": False,
+                             "body": None}
 
     def once(response_body: etree._Element | None, outcome: int | None) -> None:
         with lock:
@@ -389,13 +392,22 @@ def _audited_live(live: LiveAttachments,
             state["recorded"] = True
         record(response_body, outcome)
 
+    def parts() -> Iterator[Any]:  # what live.parts yields, passed on unchanged
+        yield from live.parts
+        state["parts_done"] = True
+        if state["body"] is not None:  # root-first: the root went out before the parts
+            once(state["body"], None)
+
     def finish() -> etree._Element:
         try:
             body = live.finish()
         except BaseException:
             once(None, 12)
             raise
-        once(body, None)
+        if state["parts_done"]:
+            once(body, None)
+        else:  # root-first: complete only once every part it names has gone out
+            state["body"] = body
         return body
 
     def close() -> None:
@@ -406,9 +418,9 @@ def _audited_live(live: LiveAttachments,
         try:
             live.close()
         finally:
-            once(None, 8)
+            once(state["body"], 8)
 
-    return LiveAttachments(live.parts, finish, close, root_first=live.root_first)
+    return LiveAttachments(parts(), finish, close, root_first=live.root_first)
 
 
 def make_app(services: Any, *, endpoints: Sequence[Endpoint] | None = None,

@@ -50,15 +50,19 @@ or passes retrieve_timeout_seconds, the root lists the documents whose parts wer
 gives XDSUnavailableCommunity for the rest (PartialSuccess). Without the community's root
 a part is matched to its DocumentRequest by the caller's `identify` (RAD-75: the SOP Instance
 UID of the DICOM file meta header); a part nothing identifies is sent but not referenced.
-Root-first (the default: zeep reads the first part as the envelope): when the community's
-reply is root-first too (every ITI-39, a RAD-75 by default), A's root is merged from it at
-once and written first, then the parts are piped as they arrive (`LiveAttachments` with
-`root_first`). That root has promised every document, so when the community then fails,
-cuts its reply or passes the timeout, the response is broken off (no closing boundary, the
-chunked body not terminated: the consumer sees a failed transfer, never a root naming parts
-that do not follow); the failure is logged and audited. When the community's root comes
-last, or it fails before anything arrives, A stores and forwards as described above (a
-clean answer with XDSUnavailableCommunity). Several communities: store and forward.
+Root-first (the default: zeep reads the first part as the envelope) stores and forwards, so
+that a community failing mid-way is an XDSUnavailableCommunity in a complete answer, unless
+[xca] pipe_root_first is set: then, when the community's reply is root-first too (every
+ITI-39, a RAD-75 by default), A's root is merged from it at once and written first, then the
+parts are piped as they arrive (`LiveAttachments` with `root_first`), chunk by chunk from the
+community's connection to the consumer's without a spool file (`StreamedAttachment`; `_Relay`
+with `pipe` hands the chunks over through a bounded queue). That root has promised every
+document, so when the community then fails, cuts its reply or passes the timeout, the response
+is broken off (no closing boundary, the chunked body not terminated: the consumer sees a
+failed transfer, never a root naming parts that do not follow); the failure is logged and
+audited. When the community's root comes last, or it fails before anything arrives, A stores
+and forwards as described above (a clean answer with XDSUnavailableCommunity). Several
+communities: store and forward.
 
 Every outbound transaction is offered to `services.audit.record_outbound` when it exists, and
 carries the consumer's wsse:Security header (XUA), or `[xua] outbound_assertion` when it sent
@@ -67,6 +71,7 @@ none (gateway.xca.outbound.security_headers).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import logging
@@ -83,7 +88,7 @@ import requests
 from lxml import etree
 from urllib3.exceptions import ProtocolError
 
-from gateway.config import GatewayConfig, RemoteCommunity
+from gateway.config import ROOT_FIRST, ROOT_LAST, GatewayConfig, RemoteCommunity
 from gateway.ebrim.paging import Paging, page, paging_of, response_attributes
 from gateway.ebrim.parse import (
     content_id_from_href,
@@ -108,7 +113,14 @@ from gateway.ns import (
 )
 from gateway.soap.client import ReplyTimeout, SoapReply
 from gateway.soap.mtom import AttachmentMap, MultipartError, resolve_cid
-from gateway.transactions import Attachment, LiveAttachments, RequestContext, SoapResponse
+from gateway.soap.multipart import PartStream
+from gateway.transactions import (
+    Attachment,
+    LiveAttachments,
+    RequestContext,
+    SoapResponse,
+    StreamedAttachment,
+)
 from gateway.xca.outbound import (
     OutboundPool,
     Outcome,
@@ -546,14 +558,15 @@ def retrieve_routed(services: Any, ctx: RequestContext, routing: RetrieveRouting
                     identify: Callable[[Attachment], str | None] | None = None
                     ) -> SoapResponse:
     """Send each community its share in parallel; merge the answers (documents as spooled
-    files). Used for ITI-39 and RAD-75. One community and a root-last reply order: streamed
-    through (module docstring; `identify` names the document a part holds when the
-    community's root never came)."""
+    files). Used for ITI-39 and RAD-75. One community and a root-last reply order, or
+    [xca] pipe_root_first: streamed through (module docstring; `identify` names the document
+    a part holds when the community's root never came)."""
     config: GatewayConfig = services.config
     pool = pool_for(config)
     timeout = float(config.xca.retrieve_timeout_seconds)
     security = security_headers(config, ctx.headers)  # XUA: the consumer's assertion passed on
-    if len(routing.routed) == 1:
+    if len(routing.routed) == 1 and (reply_order(config) == ROOT_LAST
+                                     or getattr(config.xca, "pipe_root_first", False)):
         streamer = _retrieve_live if reply_order(config) == ROOT_LAST else _retrieve_piped
         return streamer(services, ctx, routing, pool, security, timeout,
                         action=action, transaction=transaction, identify=identify)
@@ -581,63 +594,134 @@ def retrieve_routed(services: Any, ctx: RequestContext, routing: RetrieveRouting
 
 # --- streaming through one community ----------------------------------------------------------
 
-ROOT_FIRST, ROOT_LAST = "root-first", "root-last"
-_END = object()
+_END = object()  # the reply has ended (read, failed or abandoned)
+_PART_END = object()  # the piped part's last chunk has been queued
+_TIMEOUT = object()  # nothing came before the deadline
 
 
 class _Relay:
     """One community's reply read part by part in a thread of this request
     (`OutboundPool.stream`); `events()` hands over each part, and the root, as it is read,
-    and ends when the reply ends, fails or passes the deadline (then `timed_out`)."""
+    and ends when the reply ends, fails or passes the deadline (then `timed_out`).
+
+    With `pipe`, every part after the root is not spooled: `events()` yields it as a
+    `StreamedAttachment` whose chunks come from the reading thread through a bounded queue
+    (`PIPE_QUEUE` chunks of at most about 256 KiB: memory stays flat, and a consumer that
+    reads slowly slows the reading down). Read a part's chunks before the next event (what
+    is left of a part is dropped when the next event is asked for). When the reply ends
+    inside a part (broken, malformed, deadline), its chunks stop early and `cut` is set."""
+
+    PIPE_QUEUE = 8
+    CLOSE_WAIT = 1.0
 
     def __init__(self, pool: OutboundPool, r: RoutedRequest, action: str,
-                 headers: tuple[etree._Element, ...], timeout: float, spool: Path):
+                 headers: tuple[etree._Element, ...], timeout: float, spool: Path, *,
+                 pipe: bool = False):
         self._pool, self._r, self._action, self._headers = pool, r, action, headers
         self.timeout = timeout
         self.spool = spool
+        self.pipe = pipe
         self.started = time.monotonic()
         self.deadline = self.started + timeout
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._queue: queue.Queue[Any] = queue.Queue(self.PIPE_QUEUE if pipe else 0)
+        self._held: Any = None  # an item taken from the queue and put back
         self.root: SoapReply | None = None
         self.error: BaseException | None = None
         self.timed_out = False
         self.complete = False
+        self.cut = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="xca-relay", daemon=True)
         self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        """Queue `item` (waiting while the queue is full); False once the relay is stopped."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def _run(self) -> None:
         try:
             with self._pool.stream(self._r.url, self._action, self._r.body,
                                    read_timeout=self.timeout, spool_dir=self.spool,
-                                   deadline=self.deadline, headers=self._headers) as reply:
+                                   deadline=self.deadline, headers=self._headers,
+                                   pipe_after_root=self.pipe) as reply:
                 for event in reply.events():
                     if self._stop.is_set():
                         return
-                    self._queue.put(event)
+                    if isinstance(event, PartStream):
+                        if not self._put(event):
+                            return
+                        for chunk in event.chunks:
+                            if not self._put(chunk):
+                                return
+                        if not self._put(_PART_END):
+                            return
+                    elif not self._put(event):
+                        return
                 self.complete = True
         except BaseException as exc:  # reported through outcome()
             self.error = exc
         finally:
-            abandoned = self._stop.is_set()
-            self._queue.put(_END)
-            if abandoned:  # the response is gone: nobody else may be left
+            if self._stop.is_set():  # the response is gone: nobody else may be left
+                with contextlib.suppress(queue.Full):
+                    self._queue.put_nowait(_END)
                 shutil.rmtree(self.spool, ignore_errors=True)
+            else:
+                self._put(_END)
 
-    def events(self) -> Iterator[Attachment | SoapReply]:
+    def _get(self) -> Any:
+        """The next item of the queue, or _TIMEOUT past the deadline (plus a second)."""
+        if self._held is not None:
+            item, self._held = self._held, None
+            return item
+        try:
+            return self._queue.get(timeout=max(0.0, self.deadline - time.monotonic()) + 1)
+        except queue.Empty:
+            return _TIMEOUT
+
+    def events(self) -> Iterator[Attachment | StreamedAttachment | SoapReply]:
         while True:
-            try:
-                item = self._queue.get(timeout=max(0.0, self.deadline - time.monotonic()) + 1)
-            except queue.Empty:
+            item = self._get()
+            if item is _TIMEOUT:
                 self.timed_out = True
                 return
             if item is _END:
                 if isinstance(self.error, ReplyTimeout):  # the whole-reply deadline
                     self.timed_out, self.error = True, None
                 return
+            if item is _PART_END or isinstance(item, bytes):
+                continue  # what the consumer left of a piped part
+            if isinstance(item, PartStream):
+                yield StreamedAttachment(item.content_id, self._chunks(),
+                                         item.content_type)
+                continue
             if isinstance(item, SoapReply):
                 self.root = item
             yield item
+
+    def _chunks(self) -> Iterator[bytes]:
+        """The chunks of the piped part being read; stops early (`cut`) when the reply ends
+        inside it."""
+        while True:
+            item = self._get()
+            if isinstance(item, bytes):
+                yield item
+            elif item is _PART_END:
+                return
+            else:  # the reply ended (or the deadline passed) inside the part
+                self.cut = True
+                if item is _TIMEOUT:
+                    self.timed_out = True
+                else:
+                    self._held = item  # events() ends on it
+                    if item is _END and isinstance(self.error, ReplyTimeout):
+                        self.timed_out, self.error = True, None
+                return
 
     def outcome(self) -> Outcome[SoapReply]:
         if self.timed_out:
@@ -646,16 +730,14 @@ class _Relay:
             return Outcome(self.root, self.error or RuntimeError("reply ended early"))
         return Outcome(self.root, seconds=time.monotonic() - self.started)
 
-    def join(self) -> None:
-        """Wait, bounded by the deadline, for the reading thread to end (after `events()`
-        ended, it has nothing left to do)."""
-        self._thread.join(max(0.0, self.deadline - time.monotonic()) + 1)
-
     def close(self) -> None:
-        """Stop reading (at the end of the part being read) and wait, bounded by the
-        deadline, until nothing writes to the spool folder any more."""
+        """Stop reading. A reading thread that has ended (`events()` ended on the end of the
+        reply) is joined; one still reading (the response is gone, or the deadline passed)
+        is not waited for beyond `CLOSE_WAIT` seconds, so the web server's thread is freed:
+        it stops at the next chunk or part and then removes its spool folder (which the edge
+        removes too)."""
         self._stop.set()
-        self._thread.join(max(0.0, self.deadline - time.monotonic()) + 1)
+        self._thread.join(self.CLOSE_WAIT)
         if self._thread.is_alive():
             log.warning("XCA: a community's reply is still being read after the response "
                         "ended; its spool folder is removed when it ends")
@@ -819,19 +901,31 @@ class BrokenOff(ConnectionResetError):
         super().__init__(errno.ECONNRESET, reason)
 
 
+def _spool_piped(part: StreamedAttachment, path: Path) -> Attachment:
+    """A piped part written to a file (store and forward)."""
+    size = 0
+    with open(path, "xb", buffering=0) as f:
+        for chunk in part.chunks:
+            f.write(chunk)
+            size += len(chunk)
+    return Attachment(part.content_id, path, size, part.content_type)
+
+
 def _retrieve_piped(services: Any, ctx: RequestContext, routing: RetrieveRouting,
                     pool: OutboundPool, security: tuple[etree._Element, ...], timeout: float,
                     *, action: str, transaction: str,
                     identify: Callable[[Attachment], str | None] | None) -> SoapResponse:
     """One community, root-first: when the community's root comes first, A's root is written
-    from it at once and the parts are piped as they arrive; otherwise (its root last, or no
-    usable answer) everything is read first, then merged (store and forward)."""
+    from it at once and the parts are piped as they arrive, chunk by chunk from the
+    community's connection to the consumer's, without a spool file (`_Relay` with `pipe`);
+    otherwise (its root last, or no usable answer) everything is read first, then merged
+    (store and forward)."""
     r = routing.routed[0]
     home = r.community.home_community_id
     spool = Path(ctx.spool_dir) / "xca-0"
     spool.mkdir(parents=True, exist_ok=True)
     headers = tuple(copy.deepcopy(h) for h in security)
-    relay = _Relay(pool, r, action, headers, timeout, spool)
+    relay = _Relay(pool, r, action, headers, timeout, spool, pipe=True)
     events = relay.events()
     first = next(events, None)
     root = first if isinstance(first, SoapReply) else None
@@ -845,7 +939,9 @@ def _retrieve_piped(services: Any, ctx: RequestContext, routing: RetrieveRouting
         for event in events:
             if isinstance(event, Attachment):
                 received[event.content_id] = event
-        relay.join()
+            elif isinstance(event, StreamedAttachment):  # a part after a root in the middle
+                received[event.content_id] = _spool_piped(event, spool / f"piped-{len(received)}")
+        relay.close()  # ended with the reply; or still reading past the deadline: stopped
         outcome = relay.outcome()
         reply = relay.root
         audit_outbound(services, transaction, r.url, r.body,
@@ -875,27 +971,42 @@ def _retrieve_piped(services: Any, ctx: RequestContext, routing: RetrieveRouting
             audit_outbound(services, transaction, r.url, r.body, body,
                            None if ok else OUTCOME_SERIOUS_FAILURE, ctx)
 
-    def parts() -> Iterator[Attachment]:
+    def broken_off(delivered: int) -> BrokenOff:
+        outcome = relay.outcome()
+        audit(False)
+        reason = failure_reason(outcome, timeout) if not outcome.ok else \
+            "left out parts its root names"
+        log.warning("%s to community %s: %s after %d of %d parts; the root-first "
+                    "response is broken off", transaction, home, reason, delivered,
+                    len(expected))
+        return BrokenOff(f"community {home} {reason}")
+
+    def piped(chunks: Iterator[bytes], delivered: set[str]) -> Iterator[bytes]:
+        yield from chunks
+        if relay.cut:  # the community's reply ended inside the part
+            raise broken_off(len(delivered) - 1)
+
+    def parts() -> Iterator[Attachment | StreamedAttachment]:
         delivered: set[str] = set()
         for event in events:
-            if not isinstance(event, Attachment):
+            if isinstance(event, SoapReply):
                 continue
             plan = planned.get(event.content_id)
             if plan is None or plan.content_id in delivered:
-                event.path.unlink(missing_ok=True)  # a part nothing references
-                continue
+                if isinstance(event, Attachment):
+                    event.path.unlink(missing_ok=True)  # a part nothing references
+                continue  # (a piped one's chunks are dropped by events())
             delivered.add(plan.content_id)
-            yield Attachment(plan.content_id, event.path, event.size,
-                             event.content_type or "application/octet-stream", event.sha1)
+            ctype = event.content_type or "application/octet-stream"
+            if isinstance(event, StreamedAttachment):
+                yield StreamedAttachment(plan.content_id, piped(event.chunks, delivered),
+                                         ctype)
+            else:
+                yield Attachment(plan.content_id, event.path, event.size, ctype, event.sha1)
         outcome = relay.outcome()
-        audit(outcome.ok and delivered == expected)
         if not outcome.ok or delivered != expected:
-            reason = failure_reason(outcome, timeout) if not outcome.ok else \
-                "left out parts its root names"
-            log.warning("%s to community %s: %s after %d of %d parts; the root-first "
-                        "response is broken off", transaction, home, reason, len(delivered),
-                        len(expected))
-            raise BrokenOff(f"community {home} {reason}")
+            raise broken_off(len(delivered))
+        audit(True)
 
     def close() -> None:
         relay.close()

@@ -34,8 +34,6 @@ from gateway.xca.outbound import Outcome, pool_for, run_bounded, security_header
 
 log = logging.getLogger(__name__)
 
-STATUSES = frozenset({ResponseStatus.SUCCESS, ResponseStatus.PARTIAL_SUCCESS,
-                      ResponseStatus.FAILURE})
 
 
 def iti18_request(body: etree._Element) -> etree._Element:
@@ -59,7 +57,7 @@ def read_reply(outcome: Outcome[SoapReply], timeout: float) -> AdhocQueryRespons
     reason = None
     if body is None or body.tag != q(QUERY, "AdhocQueryResponse"):
         reason = failure_reason(outcome, timeout)
-    elif body.get("status") not in STATUSES:
+    elif body.get("status") not in ResponseStatus.ALL:
         reason = "answered an AdhocQueryResponse without a known status"
     else:
         try:

@@ -45,8 +45,6 @@ log = logging.getLogger(__name__)
 
 R = TypeVar("R")
 
-STATUSES = frozenset({ResponseStatus.SUCCESS, ResponseStatus.PARTIAL_SUCCESS,
-                      ResponseStatus.FAILURE})
 
 
 @dataclass(frozen=True)
@@ -74,7 +72,7 @@ def read_reply(share: RemoteShare, outcome: Outcome[SoapReply], timeout: float, 
     body = reply.body if outcome.ok and reply is not None else None
     status_el = body.find(q(RS, "RegistryResponse")) if body is not None else None
     if (body is None or reply is None or body.tag != q(XDSB, "RetrieveDocumentSetResponse")
-            or status_el is None or status_el.get("status") not in STATUSES):
+            or status_el is None or status_el.get("status") not in ResponseStatus.ALL):
         reason = failure_reason(outcome, timeout)
         log.warning("retrieve from %s %s: %s", what, share.unique_id, reason)
         return [], _failed(share, what, reason)
@@ -141,7 +139,7 @@ def fetch_shares(services: Any, ctx: RequestContext, shares: Sequence[RemoteShar
         headers = tuple(copy.deepcopy(h) for h in security)  # one copy per thread
 
         def run() -> SoapReply:
-            folder.mkdir(parents=True, exist_ok=True)
+            _folder_in_request(ctx, folder)
             return pool.call(share.url, action, share.body, read_timeout=timeout,
                              spool_dir=folder, headers=headers)
         return run
@@ -155,11 +153,20 @@ def fetch_shares(services: Any, ctx: RequestContext, shares: Sequence[RemoteShar
         audit_outbound(services, transaction, share.url, share.body,
                        o.value.body if o.ok and o.value is not None else None,
                        None if o.ok else OUTCOME_SERIOUS_FAILURE, ctx)
-        folders[i].mkdir(parents=True, exist_ok=True)
+        _folder_in_request(ctx, folders[i])
         docs, errs = read_reply(share, o, timeout, folders[i], what)
         documents.extend(docs)
         errors.extend(errs)
     return documents, errors
+
+
+def _folder_in_request(ctx: RequestContext, folder: Path) -> None:
+    """Create `folder` (and its parents) inside the request's spool folder, but never that
+    folder itself: once the edge has removed it the request is over, and a call still
+    running must fail rather than leave files behind."""
+    if not Path(ctx.spool_dir).is_dir():
+        raise FileNotFoundError("the request's spool folder is gone: the request has ended")
+    folder.mkdir(parents=True, exist_ok=True)
 
 
 class Pending(Generic[R]):

@@ -157,12 +157,15 @@ def retrieve_local(services: Services, request: RetrieveDocumentSetRequest,
             services, ctx, shares, action=Action.ITI43, transaction="ITI-43", spool=spool,
             what="document repository"))
     documents: list[RetrievedDocument] = []
-    if local:
-        _status, documents, found_errors = repository.retrieve(
-            services, RetrieveDocumentSetRequest(documents=tuple(local)))
-        errors.extend(found_errors)
+    try:
+        if local:
+            _status, documents, found_errors = repository.retrieve(
+                services, RetrieveDocumentSetRequest(documents=tuple(local)))
+            errors.extend(found_errors)
+    finally:
+        if remote is not None:  # never leave the remote calls writing to a removed spool
+            remote_documents, remote_errors = remote.result()
     if remote is not None:
-        remote_documents, remote_errors = remote.result()
         documents.extend(remote_documents)
         errors.extend(remote_errors)
     documents = [replace(d, home_community_id=home) for d in documents]

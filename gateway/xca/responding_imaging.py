@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 from lxml import etree
 
+from gateway.config import ROOT_LAST
 from gateway.ebrim.model import RetrievedDocument
 from gateway.ebrim.parse import parse_registry_error
 from gateway.ebrim.render import render_registry_response, render_retrieve_document_set_response
@@ -42,7 +43,7 @@ from gateway.imaging.request import ImagingDocumentRequest, ImagingRequest, pars
 from gateway.ns import RS, XDSB, XDSI, XOP, Action, ErrorCode, ResponseStatus, q
 from gateway.transactions import Attachment, LiveAttachments, RequestContext, SoapResponse
 from gateway.xca.home import check_request_home, located
-from gateway.xca.initiating import ROOT_LAST, reply_order
+from gateway.xca.initiating import reply_order
 from gateway.xca.remote_retrieve import RemoteShare, fetch_shares, in_background
 
 if TYPE_CHECKING:

@@ -187,7 +187,7 @@ def net(tmp_path_factory: pytest.TempPathFactory, orthanc: OrthancFixture) -> It
                                   ("a_first", HA_FIRST, "root-first")):
             port = ports[name] = free_port()
             extra = (f"\n[xca]\nconnect_timeout_seconds = 2\nretrieve_timeout_seconds = 30\n"
-                     f"response_order = \"{order}\"\n"
+                     f"response_order = \"{order}\"\npipe_root_first = true\n"
                      + _community(HB1, ports["b1"]) + _community(HB2, ports["b2"])
                      + "".join(_community(h, d.port) for h, d in dying.items()))
             cfg = community_config(root / name, pki, port, home, extra)

@@ -76,9 +76,9 @@ def p_data(cid: int, data: bytes, *, is_command: bool, last: bool) -> bytes:
             + pdu.PDV_HEADER.pack(len(data) + 2, cid, mch) + data)
 
 
-def accept(sock: socket.socket) -> None:
+def accept(sock: socket.socket, role_items: bytes = b"") -> None:
     """Read the A-ASSOCIATE-RQ and accept the Get model (implicit LE, id 1) and CT in
-    explicit LE (id 3)."""
+    explicit LE (id 3); `role_items`: SCP/SCU Role Selection sub-items of the answer."""
     pdu_type, _body = recv_pdu(sock)
     assert pdu_type == pdu.A_ASSOCIATE_RQ
 
@@ -88,7 +88,7 @@ def accept(sock: socket.socket) -> None:
     items = (item(0x10, pdu.APPLICATION_CONTEXT.encode())
              + item(0x21, bytes([1, 0, 0, 0]) + item(0x40, IMPLICIT_LE.encode()))
              + item(0x21, bytes([3, 0, 0, 0]) + item(0x40, EXPLICIT_LE.encode()))
-             + item(0x50, item(0x51, struct.pack(">I", 16384))))
+             + item(0x50, item(0x51, struct.pack(">I", 16384)) + role_items))
     body = struct.pack(">HH", 1, 0) + b"ORTHANC".ljust(16) + b"XDSI-GW".ljust(16) + bytes(32)
     sock.sendall(pdu.PDU_HEADER.pack(pdu.A_ASSOCIATE_AC, len(body + items)) + body + items)
 
@@ -387,3 +387,32 @@ def test_a_trickling_peer_is_stopped_at_the_deadline(tmp_path: Path) -> None:
     assert error is not None and error.kind == "timeout", error
     assert 1.4 < elapsed < 3, elapsed
     assert list(tmp_path.iterdir()) == []
+
+
+def _role_item(uid: str, scu: int, scp: int) -> bytes:
+    body = struct.pack(">H", len(uid)) + uid.encode() + bytes([scu, scp])
+    return struct.pack(">BxH", 0x54, len(body)) + body
+
+
+@pytest.mark.parametrize("scp", [0, 1])
+def test_a_refused_scp_role_fails_its_instances_without_a_c_get(tmp_path: Path,
+                                                                scp: int) -> None:
+    """PS3.7 D.3.3.4: a PACS that refuses our SCP role for a SOP class cannot send its
+    instances with C-STORE; they fail with that reason, and no C-GET is sent for them."""
+    def script(sock: socket.socket) -> None:
+        accept(sock, _role_item(CT, 0, scp))
+        if scp:
+            rq, _cid = recv_message(sock)
+            send_instance(sock, 101, "1.2.9.1.1")
+            sock.sendall(p_data(1, get_rsp(command.us(rq, command.MESSAGE_ID), 0x0000),
+                                is_command=True, last=True))
+        release(sock)
+
+    with peer(script) as (pacs, errors):
+        got, failed, error, _took = _run(pacs, tmp_path)
+    assert errors == [] and error is None
+    if scp:
+        assert [r.sop_instance_uid for r in got] == ["1.2.9.1.1"] and failed == {}
+    else:
+        assert got == [] and list(failed) == ["1.2.9.1.1"]
+        assert "refused the SCP role" in failed["1.2.9.1.1"]

@@ -99,7 +99,8 @@ class FakePool:
 
     @contextmanager
     def stream(self, url: str, action: str, body: etree._Element, *, read_timeout: float,
-               spool_dir: Path, deadline: float | None = None, headers: Any = ()
+               spool_dir: Path, deadline: float | None = None, headers: Any = (),
+               pipe_after_root: bool = False
                ) -> Iterator[Any]:
         """OutboundPool.stream over `call`: the root first, then the attachments."""
         whole = self.call(url, action, body, read_timeout=read_timeout, spool_dir=spool_dir,

@@ -6,6 +6,7 @@ mid-way, read timeout, whole-reply deadline), the merge of a streamed reply
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import time
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from urllib3.exceptions import ReadTimeoutError
 
 from gateway.ebrim.parse import parse_retrieve_document_set_response
 from gateway.errors import XdsError
-from gateway.ns import RS, SOAP12, XDSB, XOP, ErrorCode, ResponseStatus, q
+from gateway.ns import RS, SOAP12, XDSB, XOP, Action, ErrorCode, ResponseStatus, q
 from gateway.soap.client import ReplyTimeout, SoapReply, StreamedReply
 from gateway.soap.multipart import MultipartError, RootPart, iter_multipart
 from gateway.transactions import Attachment
@@ -288,7 +289,8 @@ class FakeStreamPool:
 
     @contextmanager
     def stream(self, url: str, action: str, body: etree._Element, *, read_timeout: float,
-               spool_dir: Path, deadline: float | None = None, headers: Any = ()
+               spool_dir: Path, deadline: float | None = None, headers: Any = (),
+               pipe_after_root: bool = False
                ) -> Iterator[Any]:
         self.calls.append(url)
         uids = [d.findtext(q(XDSB, "DocumentUniqueId")) or ""
@@ -384,10 +386,32 @@ def test_several_communities_stay_store_and_forward(monkeypatch: pytest.MonkeyPa
 
 
 def root_first_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, pool: Any,
-                   body: etree._Element) -> tuple[Any, Services]:
+                   body: etree._Element, *, pipe: bool = True) -> tuple[Any, Services]:
     monkeypatch.setattr(initiating, "pool_for", lambda _cfg: pool)
-    services = Services(config(B, C))  # root-first: the default
+    cfg = config(B, C)  # root-first: the default
+    cfg = dataclasses.replace(cfg, xca=dataclasses.replace(cfg.xca, pipe_root_first=pipe))
+    services = Services(cfg)
     return initiating.retrieve_document_set(services, ctx(tmp_path), body), services
+
+
+def test_root_first_without_pipe_root_first_stores_and_forwards(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The default: the whole reply is read before the answer, so a community failing
+    mid-way is an XDSUnavailableCommunity in a complete answer, never a broken-off one."""
+    calls: list[str] = []
+
+    class CallOnly:
+        def call(self, url: str, action: str, body: etree._Element, **_kw: Any) -> Any:
+            calls.append(action)
+            raise requests.ConnectionError("reset mid-reply")
+
+    out, _ = root_first_run(monkeypatch, tmp_path, CallOnly(),
+                            retrieve_body((B, "1.1"), (B, "1.2")), pipe=False)
+    assert out.live is None and calls == [Action.ITI39]
+    resp = parse_retrieve_document_set_response(out.body)
+    assert resp.status == ResponseStatus.FAILURE
+    assert [(e.code, e.location) for e in resp.errors] == [
+        (ErrorCode.UNAVAILABLE_COMMUNITY, B)] * 2
 
 
 def test_root_first_pipes_a_root_first_reply(monkeypatch: pytest.MonkeyPatch,

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,11 +47,13 @@ from gateway.demo_pacs import (
     sample_studies,
     start_demo_pacs,
 )
+from gateway.dicom.ul.pdu import EXPLICIT_LE, IMPLICIT_LE
 from gateway.ebrim import build
 from gateway.ebrim.metadata import slot_value, unique_id
 from gateway.ebrim.model import (
     AdhocQuery,
     DocumentRequest,
+    DocumentResponseRef,
     ExtrinsicObject,
     RetrieveDocumentSetRequest,
     Slot,
@@ -66,7 +68,7 @@ from gateway.imaging.kos import ManifestOptions, build_manifest
 from gateway.imaging.publish import PublishSummary, Selection, publish
 from gateway.ns import XDSB, XDSI, XOP, Action, AvailabilityStatus, ResponseStatus, StoredQuery, q
 from gateway.security.pki import DevPki, create_dev_pki
-from gateway.soap.client import SoapClient
+from gateway.soap.client import SoapClient, SoapReply
 from gateway.transactions import Attachment
 
 HOME = "urn:oid:1.3.6.1.4.1.21367.2017.2.6.19"
@@ -239,12 +241,14 @@ def sample_documents(workdir: Path) -> list[tuple[build.DocumentEntryValues, Pat
 
 
 def provide_and_register_body(entries: list[tuple[build.DocumentEntryValues, Path]],
-                              set_unique_id: str) -> tuple[etree._Element, list[Attachment]]:
-    """An xds-b:ProvideAndRegisterDocumentSetRequest with one MTOM attachment per entry."""
+                              set_unique_id: str, *, patient: str = PATIENT
+                              ) -> tuple[etree._Element, list[Attachment]]:
+    """An xds-b:ProvideAndRegisterDocumentSetRequest with one MTOM attachment per entry, its
+    submission set for `patient` (the entries' patient)."""
     c = _codes()
     docs = tuple(build.document_entry(v) for v, _ in entries)
     sub = build.submission(build.SubmissionSetValues(
-        unique_id=set_unique_id, source_id=ORG_ROOT, patient_id=PATIENT,
+        unique_id=set_unique_id, source_id=ORG_ROOT, patient_id=patient,
         content_type_code=c["content"], title="xdsi-gateway demo submission"), docs)
     root = etree.Element(q(XDSB, "ProvideAndRegisterDocumentSetRequest"),
                          nsmap={"xdsb": XDSB, "xop": XOP})
@@ -319,10 +323,6 @@ def exercise(client: SoapClient, workdir: Path, say: Callable[[str], None]) -> b
             f"{sha1(path)[:12] if path else '-':12}…  {'identical' if same else 'DIFFERENT'}")
     shutil.rmtree(spool, ignore_errors=True)
     return ok
-
-
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
-IMPLICIT_LE = "1.2.840.10008.1.2"
 
 
 def rad69_body(triples: list[tuple[str, str, str]], syntaxes: tuple[str, ...],
@@ -458,18 +458,26 @@ def exercise_imaging(client: SoapClient, config_path: Path, pacs: DemoPacs, work
             say(f"  {error.code}: {error.context}")
         ok = len(images.documents) == len(originals)
         for doc in images.documents:
-            path = reply.attachment_path(doc.content_id)
-            original = originals.get(doc.document_unique_id)
-            target = out / f"{doc.document_unique_id}.dcm"
-            if path is not None:
-                shutil.move(str(path), target)
-            same = path is not None and original is not None and \
-                dataset_bytes(target) == dataset_bytes(original)
-            ok = ok and same
-            say("  " + instance_line(target if path is not None else None, same))
+            ok = save_instance(reply, doc, out, originals, say) and ok
         return ok
     finally:
         shutil.rmtree(spool, ignore_errors=True)
+
+
+def save_instance(reply: SoapReply, doc: DocumentResponseRef, out: Path,
+                  originals: Mapping[str, Path], say: Callable[[str], None]) -> bool:
+    """One retrieved instance of a RAD-69 `reply` moved to `out`/<uid>.dcm and compared, data
+    set for data set, with the file loaded into the PACS (`originals` by SOP Instance UID);
+    says its line; whether it is the same."""
+    path = reply.attachment_path(doc.content_id)
+    original = originals.get(doc.document_unique_id)
+    target = out / f"{doc.document_unique_id}.dcm"
+    if path is not None:
+        shutil.move(str(path), target)
+    same = path is not None and original is not None and \
+        dataset_bytes(target) == dataset_bytes(original)
+    say("  " + instance_line(target if path is not None else None, same))
+    return same
 
 
 def instance_line(path: Path | None, same: bool) -> str:

@@ -37,9 +37,9 @@ from gateway.demo import (
     IMPLICIT_LE,
     RunningGateway,
     free_port,
-    instance_line,
     publish_quietly,
     rad69_body,
+    save_instance,
     short_status,
     start_gateway,
     write_config,
@@ -48,7 +48,6 @@ from gateway.demo_pacs import (
     DemoPacs,
     Sample,
     SampleStudy,
-    dataset_bytes,
     sample_studies,
     start_demo_pacs,
 )
@@ -325,16 +324,9 @@ def exercise_federation(a: Community, b: Community, client: SoapClient, out: Pat
                 say(f"  error {err.code} ({err.location or '-'})")
             ok = ok and len(images.documents) == len(triples) and not images.errors
             for doc in images.documents:
-                path = reply.attachment_path(doc.content_id)
-                original = originals.get(doc.document_unique_id)
-                target = out / f"{doc.document_unique_id}.dcm"
-                if path is not None:
-                    shutil.move(str(path), target)
-                same = path is not None and original is not None and \
-                    dataset_bytes(target) == dataset_bytes(original)
+                same = save_instance(reply, doc, out, originals, say)
                 ok = ok and same and doc.home_community_id == b.spec.home
                 count += same
-                say("  " + instance_line(target if path is not None else None, same))
         ok = ok and count == len(originals)
         return ok
     finally:

@@ -2,9 +2,10 @@
 `PacsError` values and bounds every wait with a timeout, and that runs them over DICOM TLS
 (PS3.15 B.1, mutual TLS 1.2+ with gateway.security.tls's policy) when `[pacs] tls` is on.
 
-`tls_context(pacs)` is the client context of those associations (None without TLS);
-`scp_tls_context(pacs)` the server context of the C-MOVE storage SCP (the PACS must present a
-certificate from `tls_ca_bundle`)."""
+`connect(pacs, timeout)` is the TCP connect to the PACS with those outcomes (also used by
+gateway.dicom.ul.link); `tls_context(pacs)` is the client context of those associations (None
+without TLS); `scp_tls_context(pacs)` the server context of the C-MOVE storage SCP (the PACS
+must present a certificate from `tls_ca_bundle`)."""
 
 from __future__ import annotations
 
@@ -90,11 +91,11 @@ def _tls_diagnose(pacs: PacsConfig, ctx: ssl.SSLContext, timeout: float) -> None
                         ) from None
 
 
-def _reachable(pacs: PacsConfig, timeout: float) -> None:
-    """Fail fast and clearly when nothing listens (pynetdicom only logs it)."""
+def connect(pacs: PacsConfig, timeout: float) -> socket.socket:
+    """A TCP connection to the PACS (the connect bounded by min(`timeout`, 10) s), or
+    PacsError: "timeout" when nothing answers, "unreachable" when the connect fails."""
     try:
-        with socket.create_connection((pacs.host, pacs.port), timeout=min(timeout, 10)):
-            pass
+        return socket.create_connection((pacs.host, pacs.port), timeout=min(timeout, 10))
     except TimeoutError:
         raise PacsError("timeout", f"no answer from {pacs.host}:{pacs.port} "
                                    f"within {min(timeout, 10):.0f} s") from None
@@ -102,6 +103,11 @@ def _reachable(pacs: PacsConfig, timeout: float) -> None:
         raise PacsError("unreachable",
                         f"cannot connect to {pacs.host}:{pacs.port}: {exc.strerror or exc}"
                         ) from None
+
+
+def _reachable(pacs: PacsConfig, timeout: float) -> None:
+    """Fail fast and clearly when nothing listens (pynetdicom only logs it)."""
+    connect(pacs, timeout).close()
 
 
 def make_ae(pacs: PacsConfig, timeout: float) -> AE:

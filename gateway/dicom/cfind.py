@@ -14,11 +14,9 @@ from gateway.dicom.errors import PacsError
 from gateway.dicom.ul import command as dimse
 from gateway.dicom.ul import pdu
 from gateway.dicom.ul.link import Link, open_link
-from gateway.dicom.ul.pdu import PduError, ProposedContext
+from gateway.dicom.ul.pdu import EXPLICIT_LE, IMPLICIT_LE, PduError, ProposedContext
 
 FIND_MODEL = "1.2.840.10008.5.1.4.1.2.2.1"  # Study Root Q/R Information Model - FIND
-IMPLICIT_LE = "1.2.840.10008.1.2"
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
 C_FIND_RQ = 0x0020
 C_FIND_RSP = 0x8020
 ERROR_COMMENT = 0x0902
@@ -65,15 +63,7 @@ def _receive(link: Link, message_id: int, syntax: str) -> list[Dataset]:
             raise PacsError("aborted", f"the PACS aborted the association during C-FIND ({why})")
         if pdu_type != pdu.P_DATA_TF:
             raise PduError(f"unexpected PDU type 0x{pdu_type:02X} during C-FIND")
-        remaining = length
-        while remaining:
-            if remaining < 6:
-                raise PduError("P-DATA-TF PDU ends inside a PDV header")
-            item_length, _cid, mch = pdu.PDV_HEADER.unpack(link.read(6))
-            if item_length < 2 or item_length + 4 > remaining:
-                raise PduError("PDV length does not fit its PDU")
-            remaining -= 4 + item_length
-            n = item_length - 2
+        for _cid, mch, n in link.pdvs(length):
             if mch & 1:
                 if expect_data or len(cmd_buf) + n > dimse.MAX_COMMAND_SET:
                     raise PduError("unexpected or oversized command set")

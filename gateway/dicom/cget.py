@@ -35,14 +35,12 @@ from gateway.dicom.errors import PacsError
 from gateway.dicom.ul import command as dimse
 from gateway.dicom.ul import pdu
 from gateway.dicom.ul.link import Link, open_link, write_all
-from gateway.dicom.ul.pdu import PduError, ProposedContext
+from gateway.dicom.ul.pdu import EXPLICIT_LE, IMPLICIT_LE, PduError, ProposedContext
 
 if TYPE_CHECKING:
     from gateway.dicom.retrieve import InstanceRef
 
 GET_MODEL = "1.2.840.10008.5.1.4.1.2.2.3"  # Study Root Q/R Information Model - GET
-IMPLICIT_LE = "1.2.840.10008.1.2"
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
 PENDING = frozenset({0xFF00, 0xFF01})  # FF00 per PS3.4 C.4.3.1.4; FF01 tolerated
 # The SOP Instance UID list of one C-GET/C-MOVE identifier: in explicit VR a UI value has a
 # 16-bit length, so a longer list would have to be sent as UN (pydicom does that, with a
@@ -203,17 +201,8 @@ class CGetSession:
 
     def _p_data(self, length: int) -> None:
         link = self.link
-        remaining = length
-        header = pdu.PDV_HEADER
         command = self._command_buf
-        while remaining:
-            if remaining < 6:
-                raise PduError("P-DATA-TF PDU ends inside a PDV header")
-            item_length, context_id, mch = header.unpack(link.read(6))
-            if item_length < 2 or item_length + 4 > remaining:
-                raise PduError("PDV length does not fit its PDU")
-            remaining -= 4 + item_length
-            n = item_length - 2
+        for context_id, mch, n in link.pdvs(length):
             if mch & 1:
                 if len(command) + n > dimse.MAX_COMMAND_SET:
                     raise PduError("command set too long")

@@ -10,6 +10,7 @@ What this module owns, and nothing else:
   (ITI TF-2b 3.39.1: "the homeCommunityId parameter which is optional on the Retrieve Document
   Set transaction is required by this transaction"; RAD-75 has the semantics of RAD-69 across
   communities, RAD TF-3 4.75);
+- splitting the DocumentRequests of ITI-39 / RAD-75 into ours and the errors of the others;
 - stamping our homeCommunityId as the `home` attribute of every object a query returns.
 Every RegistryError of a responding gateway's answer carries our homeCommunityId as its
 location; the renderers do that with their `location=` argument.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
+from typing import Protocol, TypeVar
 
 from gateway.ebrim.model import (
     AdhocQuery,
@@ -33,6 +35,16 @@ from gateway.ns import ErrorCode
 from gateway.registry.query_params import ParamSyntaxError, parse_value
 
 HOME_COMMUNITY_PARAM = "$homeCommunityId"
+
+
+class _Requested(Protocol):
+    @property
+    def home_community_id(self) -> str | None: ...
+    @property
+    def document_unique_id(self) -> str: ...
+
+
+D = TypeVar("D", bound=_Requested)
 
 
 def requested_home(query: AdhocQuery) -> str | None:
@@ -99,6 +111,20 @@ def check_request_home(home_community_id: str | None, ours: str,
                         f"{home_community_id.strip()} is not this community ({ours})",
                         location=ours)
     return None
+
+
+def split_by_home(requests: Iterable[D], home: str) -> tuple[list[D], list[XdsError]]:
+    """The DocumentRequests (ITI-39 or RAD-75) for our community, and the errors of the
+    others (`check_request_home`)."""
+    ours: list[D] = []
+    errors: list[XdsError] = []
+    for r in requests:
+        problem = check_request_home(r.home_community_id, home, r.document_unique_id)
+        if problem is None:
+            ours.append(r)
+        else:
+            errors.append(problem)
+    return ours, errors
 
 
 def stamp_home(objects: Iterable[Identifiable], home: str) -> list[Identifiable]:

@@ -506,42 +506,67 @@ def _merge_retrieve(routed: Sequence[RoutedRequest], outcomes: Mapping[str, Outc
                                        location=home))
             continue
         assert reply is not None
-        errors.extend(_located(_response_errors(status_el), home))
-        for dr in list(body.iterfind(q(XDSB, "DocumentResponse"))):
-            uid = (dr.findtext(q(XDSB, "DocumentUniqueId")) or "").strip()
-            if dr.find(q(XDSB, "HomeCommunityId")) is None:
-                hc = etree.Element(q(XDSB, "HomeCommunityId"))
-                hc.text = home
-                dr.insert(0, hc)
-            inc = dr.find(f"{q(XDSB, 'Document')}/{q(XOP, 'Include')}")
-            if inc is not None:
-                found = resolve_cid(reply.attachments,
-                                    content_id_from_href(inc.get("href", "")))
-                if found is None:
-                    errors.append(XdsError(
-                        ErrorCode.REPOSITORY_ERROR,
-                        f"document {uid}: community {home} returned it without its content",
-                        location=home))
-                    continue
-                cid = f"doc{len(attachments)}@{CONTENT_ID_DOMAIN}"
-                inc.set("href", f"cid:{cid}")
-                mime = (dr.findtext(q(XDSB, "mimeType")) or "").strip()
-                attachments.append(Attachment(cid, found.path, found.size,
-                                              mime or found.content_type, found.sha1))
-            elif dr.find(q(XDSB, "Document")) is None:
-                errors.append(XdsError(
+        got = reply.attachments
+
+        def renamed(dr: etree._Element, inc: etree._Element, uid: str, home: str = home,
+                    got: Mapping[str, Attachment] = got) -> XdsError | None:
+            found = resolve_cid(got, content_id_from_href(inc.get("href", "")))
+            if found is None:
+                return XdsError(
                     ErrorCode.REPOSITORY_ERROR,
-                    f"document {uid}: community {home} returned a DocumentResponse without a "
-                    "Document", location=home))
+                    f"document {uid}: community {home} returned it without its content",
+                    location=home)
+            cid = f"doc{len(attachments)}@{CONTENT_ID_DOMAIN}"
+            inc.set("href", f"cid:{cid}")
+            mime = (dr.findtext(q(XDSB, "mimeType")) or "").strip()
+            attachments.append(Attachment(cid, found.path, found.size,
+                                          mime or found.content_type, found.sha1))
+            return None
+
+        _take_documents(body, status_el, home, renamed, errors, documents)
+    return SoapResponse(_retrieve_response(errors, documents),
+                        attachments=tuple(attachments))
+
+
+def _take_documents(body: etree._Element, status_el: etree._Element, home: str,
+                    include: Callable[[etree._Element, etree._Element, str], XdsError | None],
+                    errors: list[XdsError], documents: list[etree._Element]) -> None:
+    """One community's usable RetrieveDocumentSetResponse `body` taken into A's answer: its
+    errors located at `home`, each DocumentResponse given its HomeCommunityId and appended to
+    `documents`; `include(dr, xop_include, uid)` points an xop:Include at A's part (or returns
+    the error that drops the document)."""
+    errors.extend(_located(_response_errors(status_el), home))
+    for dr in list(body.iterfind(q(XDSB, "DocumentResponse"))):
+        uid = (dr.findtext(q(XDSB, "DocumentUniqueId")) or "").strip()
+        if dr.find(q(XDSB, "HomeCommunityId")) is None:
+            hc = etree.Element(q(XDSB, "HomeCommunityId"))
+            hc.text = home
+            dr.insert(0, hc)
+        inc = dr.find(f"{q(XDSB, 'Document')}/{q(XOP, 'Include')}")
+        if inc is not None:
+            error = include(dr, inc, uid)
+            if error is not None:
+                errors.append(error)
                 continue
-            documents.append(dr)
+        elif dr.find(q(XDSB, "Document")) is None:
+            errors.append(XdsError(
+                ErrorCode.REPOSITORY_ERROR,
+                f"document {uid}: community {home} returned a DocumentResponse without a "
+                "Document", location=home))
+            continue
+        documents.append(dr)
+
+
+def _retrieve_response(errors: Sequence[XdsError],
+                       documents: Sequence[etree._Element]) -> etree._Element:
+    """A's RetrieveDocumentSetResponse: the status of `errors` and `documents`, then them."""
     status = status_for(errors, partial_possible=True, any_success=bool(documents))
     response = etree.Element(q(XDSB, "RetrieveDocumentSetResponse"),
                              nsmap={"xdsb": XDSB, "xop": XOP})
     render_registry_response(status, errors, parent=response)
     for dr in documents:
         response.append(dr)
-    return SoapResponse(response, attachments=tuple(attachments))
+    return response
 
 
 def reply_order(config: GatewayConfig) -> str:
@@ -785,32 +810,20 @@ def _merge_streamed(r: RoutedRequest, outcome: Outcome[SoapReply], root: SoapRep
                     reason, len(sent))
     if usable:
         assert body is not None and status_el is not None
-        errors.extend(_located(_response_errors(status_el), home))
-        for dr in list(body.iterfind(q(XDSB, "DocumentResponse"))):
-            uid = (dr.findtext(q(XDSB, "DocumentUniqueId")) or "").strip()
-            if dr.find(q(XDSB, "HomeCommunityId")) is None:
-                hc = etree.Element(q(XDSB, "HomeCommunityId"))
-                hc.text = home
-                dr.insert(0, hc)
-            inc = dr.find(f"{q(XDSB, 'Document')}/{q(XOP, 'Include')}")
-            if inc is not None:
-                found = resolve_cid(sent, content_id_from_href(inc.get("href", "")))
-                if found is None:
-                    errors.append(XdsError(
-                        ErrorCode.UNAVAILABLE_COMMUNITY if reason else ErrorCode.REPOSITORY_ERROR,
-                        f"document {uid}: community {home} {reason} before its content came"
-                        if reason else
-                        f"document {uid}: community {home} returned it without its content",
-                        location=home))
-                    continue
-                inc.set("href", f"cid:{found.content_id}")
-            elif dr.find(q(XDSB, "Document")) is None:
-                errors.append(XdsError(
-                    ErrorCode.REPOSITORY_ERROR,
-                    f"document {uid}: community {home} returned a DocumentResponse without a "
-                    "Document", location=home))
-                continue
-            documents.append(dr)
+
+        def passed_on(dr: etree._Element, inc: etree._Element, uid: str) -> XdsError | None:
+            found = resolve_cid(sent, content_id_from_href(inc.get("href", "")))
+            if found is None:
+                return XdsError(
+                    ErrorCode.UNAVAILABLE_COMMUNITY if reason else ErrorCode.REPOSITORY_ERROR,
+                    f"document {uid}: community {home} {reason} before its content came"
+                    if reason else
+                    f"document {uid}: community {home} returned it without its content",
+                    location=home)
+            inc.set("href", f"cid:{found.content_id}")
+            return None
+
+        _take_documents(body, status_el, home, passed_on, errors, documents)
     else:
         reason = reason or failure_reason(outcome, timeout)
         if outcome.ok:
@@ -831,13 +844,7 @@ def _merge_streamed(r: RoutedRequest, outcome: Outcome[SoapReply], root: SoapRep
                 errors.append(XdsError(ErrorCode.UNAVAILABLE_COMMUNITY,
                                        f"document {uid}: community {home} {reason}",
                                        location=home))
-    status = status_for(errors, partial_possible=True, any_success=bool(documents))
-    response = etree.Element(q(XDSB, "RetrieveDocumentSetResponse"),
-                             nsmap={"xdsb": XDSB, "xop": XOP})
-    render_registry_response(status, errors, parent=response)
-    for dr in documents:
-        response.append(dr)
-    return response
+    return _retrieve_response(errors, documents)
 
 
 def _retrieve_live(services: Any, ctx: RequestContext, routing: RetrieveRouting,

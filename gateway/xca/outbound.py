@@ -107,23 +107,29 @@ class OutboundPool:
     @contextmanager
     def client(self, origin: str) -> Iterator[SoapClient]:
         """A client for `origin` for this thread alone; returned to the pool afterwards."""
-        with self._lock:
-            idle = self._idle.get(origin)
-            client = idle.pop() if idle else None
-        if client is None:
-            client = self._new_client(origin)
+        client = self._checkout(origin)
         try:
             yield client
         except BaseException:
             client.close()  # its connection may be half-used: never reuse it
             raise
+        self._checkin(origin, client)
+
+    def _checkout(self, origin: str) -> SoapClient:
+        """An idle client for `origin`, or a new one."""
+        with self._lock:
+            idle = self._idle.get(origin)
+            client = idle.pop() if idle else None
+        return client if client is not None else self._new_client(origin)
+
+    def _checkin(self, origin: str, client: SoapClient) -> None:
+        """`client`, its reply fully read, back to the idle list (closed when that is full)."""
         with self._lock:
             idle = self._idle.setdefault(origin, [])
             if len(idle) < self.max_idle_per_origin:
                 idle.append(client)
-                client = None
-        if client is not None:
-            client.close()
+                return
+        client.close()
 
     def call(self, url: str, action: str, body: etree._Element, *, read_timeout: float,
              spool_dir: Path | None = None,
@@ -149,11 +155,7 @@ class OutboundPool:
         handed over chunk by chunk (`SoapClient.stream`). The reply is closed on exit; the client
         goes back to the pool only when the whole reply was read."""
         origin, path = split_url(url)
-        with self._lock:
-            idle = self._idle.get(origin)
-            client = idle.pop() if idle else None
-        if client is None:
-            client = self._new_client(origin)
+        client = self._checkout(origin)
         client.timeout = (self.settings.connect_timeout, read_timeout)
         reply: StreamedReply | None = None
         try:
@@ -166,13 +168,7 @@ class OutboundPool:
             if reply is None or not reply.complete:
                 client.close()  # its connection may be half-read: never reuse it
             else:
-                with self._lock:
-                    idle = self._idle.setdefault(origin, [])
-                    if len(idle) < self.max_idle_per_origin:
-                        idle.append(client)
-                        client = None
-                if client is not None:
-                    client.close()
+                self._checkin(origin, client)
 
     def close(self) -> None:
         with self._lock:

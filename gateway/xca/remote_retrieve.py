@@ -16,7 +16,8 @@ cannot be reached, times out or answers something unusable gives XDSRepositoryEr
 documents asked of it; the others' documents still come back (PartialSuccess).
 
 `in_background` runs one call in an outbound worker thread, so the remote shares are fetched
-while the caller serves its built-in share.
+while the caller serves its built-in share; `with_shares` does that for a whole request and
+gives the consolidated status, documents and errors.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import copy
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -33,11 +34,12 @@ from lxml import etree
 
 from gateway.ebrim.model import RetrievedDocument
 from gateway.ebrim.parse import parse_document_response, parse_registry_error
-from gateway.errors import XdsError
+from gateway.errors import XdsError, status_for
 from gateway.ns import RS, XDSB, ErrorCode, ResponseStatus, q
 from gateway.soap.client import SoapReply
 from gateway.soap.mtom import resolve_cid
 from gateway.transactions import RequestContext
+from gateway.xca.home import located
 from gateway.xca.initiating import OUTCOME_SERIOUS_FAILURE, audit_outbound, failure_reason
 from gateway.xca.outbound import Outcome, pool_for, run_bounded, security_headers, workers
 
@@ -160,6 +162,38 @@ def fetch_shares(services: Any, ctx: RequestContext, shares: Sequence[RemoteShar
     return documents, errors
 
 
+def with_shares(services: Any, ctx: RequestContext | None, shares: Sequence[RemoteShare],
+                local: Callable[[], tuple[list[RetrievedDocument], list[XdsError]]] | None, *,
+                home: str, errors: list[XdsError], action: str, transaction: str,
+                spool: Path | None, what: str
+                ) -> tuple[str, list[RetrievedDocument], list[XdsError]]:
+    """The remote `shares` fetched (`fetch_shares` into `spool`, in the background) while
+    `local()` serves the built-in share; the consolidated status, the documents (all with
+    HomeCommunityId `home`) and `errors` plus theirs (all located at `home`). `ctx` and
+    `spool` are needed only when there are shares."""
+    remote = None
+    if shares:
+        assert ctx is not None and spool is not None
+        remote = in_background(lambda: fetch_shares(
+            services, ctx, shares, action=action, transaction=transaction, spool=spool,
+            what=what))
+    documents: list[RetrievedDocument] = []
+    try:
+        if local is not None:
+            documents, local_errors = local()
+            errors.extend(local_errors)
+    finally:
+        if remote is not None:  # never leave the remote calls writing to a removed spool
+            remote_documents, remote_errors = remote.result()
+    if remote is not None:
+        documents.extend(remote_documents)
+        errors.extend(remote_errors)
+    documents = [replace(d, home_community_id=home) for d in documents]
+    errors = located(errors, home)
+    status = status_for(errors, partial_possible=True, any_success=bool(documents))
+    return status, documents, errors
+
+
 def _folder_in_request(ctx: RequestContext, folder: Path) -> None:
     """Create `folder` (and its parents) inside the request's spool folder, but never that
     folder itself: once the edge has removed it the request is over, and a call still
@@ -199,4 +233,5 @@ def in_background(fn: Callable[[], R]) -> Pending[R]:
     return Pending(fn)
 
 
-__all__ = ["Pending", "RemoteShare", "fetch_shares", "in_background", "read_reply"]
+__all__ = ["Pending", "RemoteShare", "fetch_shares", "in_background", "read_reply",
+           "with_shares"]

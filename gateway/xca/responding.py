@@ -46,13 +46,13 @@ from gateway.repository import handlers as repository
 from gateway.transactions import Attachment, RequestContext, SoapResponse
 from gateway.xca.home import (
     check_query_home,
-    check_request_home,
     located,
+    split_by_home,
     stamp_home,
     without_home_parameter,
 )
 from gateway.xca.remote_registry import query_remote_registry
-from gateway.xca.remote_retrieve import RemoteShare, fetch_shares, in_background
+from gateway.xca.remote_retrieve import RemoteShare, with_shares
 
 if TYPE_CHECKING:
     from gateway.services import Services
@@ -105,20 +105,6 @@ def cross_gateway_query(services: Services, ctx: RequestContext,
 
 # --- ITI-39 ---------------------------------------------------------------------------------
 
-def split_by_home(requests: tuple[DocumentRequest, ...], home: str
-                  ) -> tuple[list[DocumentRequest], list[XdsError]]:
-    """The DocumentRequests for our community, and the errors of the others."""
-    ours: list[DocumentRequest] = []
-    errors: list[XdsError] = []
-    for r in requests:
-        problem = check_request_home(r.home_community_id, home, r.document_unique_id)
-        if problem is None:
-            ours.append(r)
-        else:
-            errors.append(problem)
-    return ours, errors
-
-
 def remote_shares(services: Services, requests: list[DocumentRequest]
                   ) -> tuple[list[DocumentRequest], list[RemoteShare]]:
     """The DocumentRequests for the built-in repository (its own id, or an id no remote
@@ -149,29 +135,16 @@ def retrieve_local(services: Services, request: RetrieveDocumentSetRequest,
     home = _home(services)
     ours, errors = split_by_home(request.documents, home)
     local, shares = remote_shares(services, ours) if ctx is not None else (ours, [])
-    remote = None
-    if shares:
-        assert ctx is not None
-        spool = ctx.spool_dir / "iti39"
-        remote = in_background(lambda: fetch_shares(
-            services, ctx, shares, action=Action.ITI43, transaction="ITI-43", spool=spool,
-            what="document repository"))
-    documents: list[RetrievedDocument] = []
-    try:
-        if local:
-            _status, documents, found_errors = repository.retrieve(
-                services, RetrieveDocumentSetRequest(documents=tuple(local)))
-            errors.extend(found_errors)
-    finally:
-        if remote is not None:  # never leave the remote calls writing to a removed spool
-            remote_documents, remote_errors = remote.result()
-    if remote is not None:
-        documents.extend(remote_documents)
-        errors.extend(remote_errors)
-    documents = [replace(d, home_community_id=home) for d in documents]
-    errors = located(errors, home)
-    status = status_for(errors, partial_possible=True, any_success=bool(documents))
-    return status, documents, errors
+
+    def built_in() -> tuple[list[RetrievedDocument], list[XdsError]]:
+        _status, documents, found_errors = repository.retrieve(
+            services, RetrieveDocumentSetRequest(documents=tuple(local)))
+        return documents, found_errors
+
+    return with_shares(services, ctx, shares, built_in if local else None, home=home,
+                       errors=errors, action=Action.ITI43, transaction="ITI-43",
+                       spool=ctx.spool_dir / "iti39" if ctx is not None else None,
+                       what="document repository")
 
 
 def cross_gateway_retrieve(services: Services, ctx: RequestContext,

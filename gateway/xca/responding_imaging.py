@@ -42,9 +42,9 @@ from gateway.imaging.rad69 import MIME_DICOM, live_response, retrieve_request
 from gateway.imaging.request import ImagingDocumentRequest, ImagingRequest, parse_request
 from gateway.ns import RS, XDSB, XDSI, XOP, Action, ErrorCode, ResponseStatus, q
 from gateway.transactions import Attachment, LiveAttachments, RequestContext, SoapResponse
-from gateway.xca.home import check_request_home, located
+from gateway.xca.home import located, split_by_home
 from gateway.xca.initiating import reply_order
-from gateway.xca.remote_retrieve import RemoteShare, fetch_shares, in_background
+from gateway.xca.remote_retrieve import RemoteShare, with_shares
 
 if TYPE_CHECKING:
     from gateway.services import Services
@@ -112,38 +112,17 @@ def retrieve_local_imaging(services: Services, request: ImagingRequest, spool: P
     for the XUA header, the remote ones) for the documents of our community; the consolidated
     status, documents (files under `spool`) and errors (located at our homeCommunityId)."""
     home = _home(services)
-    errors: list[XdsError] = []
-    ours: list[ImagingDocumentRequest] = []
-    for doc in request.documents:
-        problem = check_request_home(doc.home_community_id, home, doc.document_unique_id)
-        if problem is None:
-            ours.append(doc)
-        else:
-            errors.append(problem)
+    ours, errors = split_by_home(request.documents, home)
     local, shares = (remote_imaging_shares(services, request, ours) if ctx is not None
                      else (ours, []))
-    remote = None
-    if shares:
-        assert ctx is not None
-        remote = in_background(lambda: fetch_shares(
-            services, ctx, shares, action=Action.RAD69, transaction="RAD-69",
-            spool=spool / "remote", what="imaging document source"))
-    documents: list[RetrievedDocument] = []
-    try:
-        if local:
-            documents, local_errors = retrieve_request(
-                services, replace(request, documents=tuple(local)), spool, transaction="RAD-75")
-            errors.extend(local_errors)
-    finally:
-        if remote is not None:  # never leave the remote calls writing to a removed spool
-            remote_documents, remote_errors = remote.result()
-    if remote is not None:
-        documents.extend(remote_documents)
-        errors.extend(remote_errors)
-    documents = [replace(d, home_community_id=home) for d in documents]
-    errors = located(errors, home)
-    status = status_for(errors, partial_possible=True, any_success=bool(documents))
-    return status, documents, errors
+
+    def built_in() -> tuple[list[RetrievedDocument], list[XdsError]]:
+        return retrieve_request(services, replace(request, documents=tuple(local)), spool,
+                                transaction="RAD-75")
+
+    return with_shares(services, ctx, shares, built_in if local else None, home=home,
+                       errors=errors, action=Action.RAD69, transaction="RAD-69",
+                       spool=spool / "remote", what="imaging document source")
 
 
 def _as_responding(root: etree._Element, home: str, early: list[XdsError]) -> etree._Element:
@@ -176,14 +155,7 @@ def _live_local(services: Services, ctx: RequestContext, request: ImagingRequest
     """RAD-75 root-last over the built-in source, or None when a remote Imaging Document
     Source takes part (then the consolidated store-and-forward answer)."""
     home = _home(services)
-    errors: list[XdsError] = []
-    ours: list[ImagingDocumentRequest] = []
-    for doc in request.documents:
-        problem = check_request_home(doc.home_community_id, home, doc.document_unique_id)
-        if problem is None:
-            ours.append(doc)
-        else:
-            errors.append(problem)
+    ours, errors = split_by_home(request.documents, home)
     _local, shares = remote_imaging_shares(services, request, ours)
     if shares:
         return None

@@ -24,12 +24,17 @@ from gateway.ns import Action, ResponseStatus
 from gateway.security.pki import create_dev_pki
 from gateway.soap.client import SoapClient
 from tests.integration.conftest import LiveGateway, OrthancFixture
+from tests.support.orthanc import study_loaded
 from tests.support.rad69 import (
     EXPLICIT_LE,
     NIST_SOURCE,
+    NIST_STUDIES,
     configure_pacs,
     dataset_bytes,
     getscu,
+    getscu_reference,
+    instances_of,
+    nist_instances,
     rad69_request,
     synthetic_ct_study,
 )
@@ -80,23 +85,6 @@ def call(gateway: LiveGateway, body: etree._Element, spool: Path):
     return reply, parse_retrieve_document_set_response(reply.body)
 
 
-def instances_of(orthanc: OrthancFixture, study_uid: str) -> list[tuple[str, str, str]]:
-    out = []
-    for path in orthanc.files:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        if ds.StudyInstanceUID == study_uid:
-            triple = (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
-            if triple not in out:
-                out.append(triple)
-    return out
-
-
-NIST_STUDIES = ("1.3.6.1.4.1.21367.201599.1.201606010958036",
-                "1.3.6.1.4.1.21367.201599.1.201606010958040",
-                "1.3.6.1.4.1.21367.201599.1.201606021454002",
-                "1.3.6.1.4.1.5962.1.2.1.20040119072730.12322")  # the last: pydicom CT_small
-
-
 @pytest.mark.parametrize(("method", "engine"), [
     pytest.param("c-get", None, id="c-get-builtin"),  # None: the default engine, builtin
     pytest.param("c-get", "pynetdicom", id="c-get-pynetdicom"),
@@ -107,16 +95,13 @@ def test_byte_exact_against_getscu(method: str, engine: str | None,
     """RAD-69 through the gateway returns every instance byte-exact as getscu fetches it,
     with either C-GET engine ([pacs] dimse_engine) and with C-MOVE."""
     gateway = gateway_for(retrieve=method, dimse_engine=engine)
-    docs = [t for s in NIST_STUDIES for t in instances_of(orthanc, s)]
+    docs = nist_instances(orthanc)
     reply, response = call(gateway, rad69_request(docs, [EXPLICIT_LE]), tmp_path / "reply")
     assert response.status == ResponseStatus.SUCCESS, response.errors
     assert sorted(d.document_unique_id for d in response.documents) == sorted(
         t[2] for t in docs)
-    reference: dict[str, bytes] = {}
-    for study in NIST_STUDIES:
-        for f in getscu(orthanc.dicom_port, orthanc.aet, study, tmp_path / "getscu" / study):
-            reference[str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)] = (
-                dataset_bytes(f))
+    reference = getscu_reference(orthanc.dicom_port, orthanc.aet, NIST_STUDIES,
+                                 tmp_path / "getscu")
     for d in response.documents:
         assert d.mime_type == "application/dicom"
         assert d.repository_unique_id == NIST_SOURCE
@@ -352,18 +337,11 @@ def small_study(orthanc: OrthancFixture, tmp_path_factory: pytest.TempPathFactor
     study, series, files = _small_study(16)
     folder = tmp_path_factory.mktemp("small-study")
     originals: dict[str, Path] = {}
-    orthanc_study = None
     for sop, data in files:
-        answer = orthanc.running.rest("POST", "/instances", data,
-                                      content_type="application/dicom")
-        assert isinstance(answer, dict)
-        orthanc_study = answer["ParentStudy"]
         originals[sop] = folder / f"{sop}.dcm"
         originals[sop].write_bytes(data)
-    try:
+    with study_loaded(orthanc.running, (data for _sop, data in files)):
         yield [(study, series, sop) for sop, _d in files], originals
-    finally:
-        orthanc.running.rest("DELETE", f"/studies/{orthanc_study}")
 
 
 @pytest.mark.parametrize("mode", ["drop", "stall"])

@@ -28,13 +28,16 @@ from gateway.soap.client import SoapClient, envelope
 from gateway.soap.mtom import ROOT_CONTENT_ID
 from gateway.soap.multipart import parse_content_type
 from tests.integration.conftest import LiveGateway, OrthancFixture
-from tests.integration.test_rad69_orthanc import NIST_STUDIES, instances_of
+from tests.support.orthanc import study_loaded
 from tests.support.rad69 import (
     EXPLICIT_LE,
     NIST_SOURCE,
+    NIST_STUDIES,
     configure_pacs,
     dataset_bytes,
-    getscu,
+    getscu_reference,
+    instances_of,
+    nist_instances,
     rad69_request,
     synthetic_ct_study,
 )
@@ -71,20 +74,12 @@ def big_study(orthanc: OrthancFixture) -> Iterator[list[tuple[str, str, str]]]:
     pixels = bytes((i * 5) & 0xFF for i in range(512 * 512 * 2))
     study, series, files = synthetic_ct_study(80, size=512, pixels=pixels,
                                               patient_id="STREAM-1", patient_name="Test^Stream")
-    orthanc_study = None
-    for _sop, data in files:
-        answer = orthanc.running.rest("POST", "/instances", data,
-                                      content_type="application/dicom")
-        assert isinstance(answer, dict)
-        orthanc_study = answer["ParentStudy"]
-    try:
+    with study_loaded(orthanc.running, (data for _sop, data in files)):
         yield [(study, series, sop) for sop, _d in files]
-    finally:
-        orthanc.running.rest("DELETE", f"/studies/{orthanc_study}")
 
 
 def _nist_docs(orthanc: OrthancFixture) -> list[tuple[str, str, str]]:
-    return [t for s in NIST_STUDIES for t in instances_of(orthanc, s)]
+    return nist_instances(orthanc)
 
 
 def test_root_last_byte_exact_with_our_client(root_last: LiveGateway, orthanc: OrthancFixture,
@@ -105,11 +100,8 @@ def test_root_last_byte_exact_with_our_client(root_last: LiveGateway, orthanc: O
     assert {e.location for e in response.errors} == {unknown[2]}
     assert sorted(d.document_unique_id for d in response.documents) == sorted(
         t[2] for t in docs)
-    reference: dict[str, bytes] = {}
-    for study in NIST_STUDIES:
-        for f in getscu(orthanc.dicom_port, orthanc.aet, study, tmp_path / "getscu" / study):
-            reference[str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)] = (
-                dataset_bytes(f))
+    reference = getscu_reference(orthanc.dicom_port, orthanc.aet, NIST_STUDIES,
+                                 tmp_path / "getscu")
     content_ids = [d.content_id for d in response.documents]
     assert len(set(content_ids)) == len(content_ids)
     for d in response.documents:

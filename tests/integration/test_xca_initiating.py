@@ -13,11 +13,7 @@ maxResults.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import http.server
-import os
-import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -29,12 +25,9 @@ from lxml import etree
 
 from gateway.demo import (
     AUTHORITY,
-    ORG_ROOT,
     free_port,
-    sample_documents,
     start_gateway,
 )
-from gateway.ebrim import build
 from gateway.ebrim.metadata import patient_id, slot_value, unique_id
 from gateway.ebrim.model import (
     AdhocQuery,
@@ -48,19 +41,21 @@ from gateway.ebrim.parse import parse_adhoc_query_response, parse_retrieve_docum
 from gateway.ebrim.render import (
     render_adhoc_query_request,
     render_retrieve_document_set_request,
-    render_submit_objects_request,
 )
-from gateway.ns import XDSB, XDSI, XOP, Action, ErrorCode, ResponseStatus, StoredQuery, q
+from gateway.ns import XDSB, XDSI, Action, ErrorCode, ResponseStatus, StoredQuery, q
 from gateway.security.pki import (
     DevPki,
     create_dev_pki,
 )
 from gateway.soap.client import SoapClient
-from gateway.transactions import Attachment
 from gateway.xca.outbound import OutboundPool, OutboundSettings
 from tests.support.communities import (
+    PeerServer,
+    QuietHandler,
     community_config,
+    gateway_client,
     shut_down,
+    submit,
 )
 
 HA = "urn:oid:1.3.6.1.4.1.21367.2017.2.6.101"
@@ -79,7 +74,7 @@ QUERY_TIMEOUT = 2
 SLOW_SLEEP = 60  # the slow server's silence; the test must finish long before it
 
 
-class SlowServer:
+class SlowServer(PeerServer):
     """HTTPS with mutual TLS on loopback that reads a request and stays silent until released
     (at most SLOW_SLEEP seconds)."""
 
@@ -87,7 +82,7 @@ class SlowServer:
         release = self.release = threading.Event()
         hits = self.hits = [0]
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self) -> None:
                 hits[0] += 1
                 self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -97,53 +92,11 @@ class SlowServer:
                 except OSError:  # the caller gave up long ago
                     pass
 
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        self.port = free_port()
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.server.daemon_threads = True
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(str(pki.server_cert), str(pki.server_key))
-        ctx.load_verify_locations(cafile=str(pki.ca_cert))
-        ctx.verify_mode = ssl.CERT_REQUIRED
-        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        super().__init__(pki, Handler)
 
     def stop(self) -> None:
         self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def submit(client: SoapClient, workdir: Path, patient: str, tag: str
-           ) -> dict[str, Path]:
-    """ITI-41 of the demo's report and KOS manifest for `patient`; uniqueId -> file."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    entries = [(dataclasses.replace(values, patient_id=patient,
-                                    unique_id=f"{values.unique_id}.{tag}"
-                                    if values.mime_type == "text/plain" else values.unique_id),
-                path) for values, path in sample_documents(workdir)]
-    docs = tuple(build.document_entry(v) for v, _ in entries)
-    c = build.CodeValue("IMG", "1.3.6.1.4.1.21367.2017.3", "Imaging")
-    sub = build.submission(build.SubmissionSetValues(
-        unique_id=f"{ORG_ROOT}.30.{tag}.{os.getpid()}.{time.time_ns()}", source_id=ORG_ROOT,
-        patient_id=patient, content_type_code=c, title="xca test"), docs)
-    root = etree.Element(q(XDSB, "ProvideAndRegisterDocumentSetRequest"),
-                         nsmap={"xdsb": XDSB, "xop": XOP})
-    root.append(render_submit_objects_request(sub))
-    attachments = []
-    for i, (entry, (_v, path)) in enumerate(zip(docs, entries, strict=True)):
-        cid = f"d{i}@xca-test"
-        etree.SubElement(etree.SubElement(root, q(XDSB, "Document"), id=entry.id),
-                         q(XOP, "Include"), href=f"cid:{cid}")
-        attachments.append(Attachment(cid, path, path.stat().st_size,
-                                      entry.mime_type or "application/octet-stream"))
-    reply = client.call("/xds/repository", Action.ITI41, root, attachments=attachments)
-    assert reply.body is not None and reply.body.get("status") == ResponseStatus.SUCCESS, \
-        etree.tostring(reply.envelope)
-    return {v.unique_id: p for v, p in entries}
+        super().stop()
 
 
 @dataclass
@@ -203,10 +156,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
         running.append(start_gateway(cfg_small, pki, ps))
 
         def client(port: int) -> SoapClient:
-            c = SoapClient(f"https://localhost:{port}", ca_bundle=pki.ca_cert,
-                           certificate=pki.client_cert, private_key=pki.client_key, timeout=60)
-            clients.append(c)
-            return c
+            return gateway_client(pki, port, clients)
 
         b_docs = submit(client(pb), root / "docs-b", PATIENT, "2")
         c_docs = submit(client(pc), root / "docs-c", PATIENT_IN_C, "3")

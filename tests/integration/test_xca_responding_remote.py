@@ -32,8 +32,7 @@ from gateway.ebrim.render import render_adhoc_query_request, render_retrieve_doc
 from gateway.ns import RS, Action, ErrorCode, ResponseStatus, StoredQuery, q
 from gateway.security.pki import create_dev_pki
 from gateway.soap.client import SoapClient
-from tests.integration.test_xca_initiating import submit
-from tests.support.communities import community_config, shut_down
+from tests.support.communities import community_config, gateway_client, shut_down, submit
 from tests.support.orthanc import RunningOrthanc, load_files, start_orthanc
 from tests.support.rad69 import EXPLICIT_LE, configure_pacs, rad69_request
 
@@ -118,10 +117,7 @@ retrieve_url = "{gone}/xdsi/imaging-source"
         running.append(start_gateway(cfg_a, pki, pa))
 
         def client(port: int) -> SoapClient:
-            c = SoapClient(f"https://localhost:{port}", ca_bundle=pki.ca_cert,
-                           certificate=pki.client_cert, private_key=pki.client_key, timeout=60)
-            clients.append(c)
-            return c
+            return gateway_client(pki, port, clients)
 
         b_docs = submit(client(pb), root / "docs-b", PATIENT, "21")
         a_docs = submit(client(pa), root / "docs-a", PATIENT, "22")

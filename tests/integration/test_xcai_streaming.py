@@ -13,11 +13,8 @@ ITI-43 -> A -> ITI-39 still answers through the streaming path."""
 from __future__ import annotations
 
 import hashlib
-import http.server
 import io
 import socket
-import ssl
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,10 +37,21 @@ from gateway.security.pki import DevPki, create_dev_pki
 from gateway.soap.client import SoapClient, SoapReply
 from gateway.soap.multipart import MultipartError
 from tests.integration.conftest import OrthancFixture
-from tests.integration.test_rad69_orthanc import NIST_STUDIES, instances_of
-from tests.integration.test_xca_initiating import submit
-from tests.support.communities import community_config, shut_down
-from tests.support.rad69 import EXPLICIT_LE, NIST_SOURCE, configure_pacs, rad69_request
+from tests.support.communities import (
+    PeerServer,
+    QuietHandler,
+    community_config,
+    gateway_client,
+    shut_down,
+    submit,
+)
+from tests.support.rad69 import (
+    EXPLICIT_LE,
+    NIST_SOURCE,
+    configure_pacs,
+    nist_instances,
+    rad69_request,
+)
 
 PATIENT = f"XCAI-0001^^^&{AUTHORITY}&ISO"
 
@@ -71,13 +79,13 @@ def dicom_part(sop_uid: str) -> bytes:
     return buf.getvalue()
 
 
-class DyingCommunity:
+class DyingCommunity(PeerServer):
     """HTTPS (mutual TLS) on loopback answering RAD-75 with a chunked MTOM reply that breaks
     off: root-first, it sends its root (every requested document) and the first instance;
     root-last, only the first instance. Then it closes the connection mid-reply."""
 
     def __init__(self, pki: DevPki, root_last: bool):
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             protocol_version = "HTTP/1.1"
 
             def do_POST(self) -> None:
@@ -120,23 +128,7 @@ class DyingCommunity:
                 except OSError:
                     pass
 
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        self.port = free_port()
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.server.daemon_threads = True
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(str(pki.server_cert), str(pki.server_key))
-        ctx.load_verify_locations(cafile=str(pki.ca_cert))
-        ctx.verify_mode = ssl.CERT_REQUIRED
-        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(pki, Handler)
 
 
 @dataclass
@@ -196,10 +188,7 @@ def net(tmp_path_factory: pytest.TempPathFactory, orthanc: OrthancFixture) -> It
             running.append(start_gateway(cfg, pki, port))
 
         def client(port: int) -> SoapClient:
-            c = SoapClient(f"https://localhost:{port}", ca_bundle=pki.ca_cert,
-                           certificate=pki.client_cert, private_key=pki.client_key, timeout=60)
-            clients.append(c)
-            return c
+            return gateway_client(pki, port, clients)
 
         yield Net(client(ports["a_last"]), client(ports["a_first"]), client(ports["b1"]),
                   client(ports["b2"]), spools, root)
@@ -208,7 +197,7 @@ def net(tmp_path_factory: pytest.TempPathFactory, orthanc: OrthancFixture) -> It
 
 
 def _docs(orthanc: OrthancFixture) -> list[tuple[str, str, str]]:
-    return [t for s in NIST_STUDIES for t in instances_of(orthanc, s)]
+    return nist_instances(orthanc)
 
 
 def _call(client: SoapClient, path: str, action: str, body: etree._Element,

@@ -3,7 +3,8 @@
 `start_orthanc(tmp_dir, dicom_port=..., http_port=...)` writes an Orthanc JSON configuration
 (storage in `tmp_dir`, REST API on loopback only, the C-MOVE destinations it should know),
 starts the Debian `Orthanc` binary in the background and waits for its REST API.
-`load_files(orthanc, paths)` uploads DICOM files through the REST API (POST /instances).
+`load_files(orthanc, paths)` uploads DICOM files through the REST API (POST /instances);
+`study_loaded(orthanc, parts)` uploads one study's Part 10 bytes for a while and deletes it.
 `tls=OrthancTls(certificate, private_key, trusted)` turns on DICOM TLS (Orthanc >= 1.9) with
 client certificates required: its DICOM port then speaks only TLS.
 A missing Orthanc binary is a test failure, not a skip: `make test` installs it.
@@ -11,13 +12,14 @@ A missing Orthanc binary is a test failure, not a skip: `make test` installs it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -166,3 +168,19 @@ def load_files(orthanc: RunningOrthanc, paths: Iterable[Path]) -> dict[str, str]
         statuses[uid] = str(result.get("Status", ""))
         orthanc.uploaded.setdefault(uid, str(result["ID"]))
     return statuses
+
+
+@contextlib.contextmanager
+def study_loaded(orthanc: RunningOrthanc, parts: Iterable[bytes]) -> Iterator[None]:
+    """The Part 10 files `parts` (one study) stored in `orthanc` while the block runs, then
+    the study deleted (other tests count the studies)."""
+    orthanc_study = None
+    for data in parts:
+        answer = orthanc.rest("POST", "/instances", data, content_type="application/dicom")
+        assert isinstance(answer, dict), f"unexpected Orthanc answer: {answer!r}"
+        orthanc_study = answer["ParentStudy"]
+    try:
+        yield
+    finally:
+        if orthanc_study is not None:
+            orthanc.rest("DELETE", f"/studies/{orthanc_study}")

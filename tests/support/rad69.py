@@ -1,5 +1,6 @@
 """Helpers for RAD-69 tests and benchmarks: gateways configured for a PACS, RAD-69 request
-bodies, synthetic CT studies, the dataset part of a Part 10 file, and dcmtk getscu."""
+bodies, synthetic CT studies, the NIST studies loaded into the test PACS and their instances,
+the dataset part of a Part 10 file, and dcmtk getscu (the byte-exact reference)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import struct
 import subprocess
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Protocol
 
+import pydicom
 from lxml import etree
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
@@ -23,6 +26,33 @@ NIST_HOME = "urn:oid:1.3.6.1.4.1.21367.13.70.101"
 NIST_SOURCE = "1.3.6.1.4.1.21367.13.71.101"  # the NIST iig tests' Imaging Document Source
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 CT = "1.2.840.10008.5.1.4.1.1.2"
+NIST_STUDIES = ("1.3.6.1.4.1.21367.201599.1.201606010958036",
+                "1.3.6.1.4.1.21367.201599.1.201606010958040",
+                "1.3.6.1.4.1.21367.201599.1.201606021454002",
+                "1.3.6.1.4.1.5962.1.2.1.20040119072730.12322")  # the last: pydicom CT_small
+
+
+class LoadedPacs(Protocol):
+    """A test PACS and the files loaded into it (tests.integration.conftest.OrthancFixture)."""
+
+    files: list[Path]
+
+
+def instances_of(pacs: LoadedPacs, study_uid: str) -> list[tuple[str, str, str]]:
+    """(study, series, SOP instance UID) of each instance of `study_uid` loaded into `pacs`."""
+    out = []
+    for path in pacs.files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        if ds.StudyInstanceUID == study_uid:
+            triple = (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+            if triple not in out:
+                out.append(triple)
+    return out
+
+
+def nist_instances(pacs: LoadedPacs) -> list[tuple[str, str, str]]:
+    """`instances_of` every NIST study, in NIST_STUDIES order."""
+    return [t for s in NIST_STUDIES for t in instances_of(pacs, s)]
 
 
 def configure_pacs(config: Path, *, port: int, called_ae_title: str = "ORTHANC",
@@ -103,6 +133,18 @@ def getscu(port: int, aet: str, study_uid: str, out_dir: Path, *,
                     "127.0.0.1", str(port)], check=True, env=env, timeout=timeout,
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     return sorted(p for p in out_dir.iterdir() if p.is_file())
+
+
+def getscu_reference(port: int, aet: str, studies: Iterable[str], out_dir: Path
+                     ) -> dict[str, bytes]:
+    """SOP Instance UID -> dataset bytes (`dataset_bytes`) of every instance of `studies` as
+    getscu fetches them (into `out_dir`/<study>)."""
+    reference: dict[str, bytes] = {}
+    for study in studies:
+        for f in getscu(port, aet, study, out_dir / study):
+            reference[str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)] = (
+                dataset_bytes(f))
+    return reference
 
 
 def synthetic_ct_study(n: int, *, size: int, pixels: bytes, patient_id: str,

@@ -6,12 +6,10 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 from lxml import etree
 
 from gateway.config import GatewayConfig, from_dict
@@ -41,6 +39,7 @@ from gateway.transactions import Attachment, RequestContext
 from gateway.xca import initiating, initiating_imaging
 from gateway.xca.outbound import run_bounded, split_url
 from tests.support.config import plain_community
+from tests.support.outbound import Audit, FakePool, Responder, refusing, reply
 
 B = "urn:oid:1.2.3.4.2"
 C = "urn:oid:1.2.3.4.3"
@@ -71,52 +70,6 @@ class Services:
         self.audit = Audit()
 
 
-class Audit:
-    def __init__(self) -> None:
-        self.records: list[tuple[str, str, int | None]] = []
-
-    def record_outbound(self, transaction: str, *, endpoint_url: str, request_body: Any,
-                        response_body: Any, outcome: int | None, human: Any = None) -> None:
-        self.records.append((transaction, endpoint_url, outcome))
-
-
-Responder = Callable[[str, str, etree._Element, Path | None], SoapReply]
-
-
-class FakePool:
-    """Stands in for OutboundPool: `responders[url host letter]` answers each call."""
-
-    def __init__(self, responders: dict[str, Responder]):
-        self.responders = responders
-        self.calls: list[tuple[str, str, etree._Element]] = []
-        self.lock = threading.Lock()
-
-    def call(self, url: str, action: str, body: etree._Element, *, read_timeout: float,
-             spool_dir: Path | None = None, headers: Any = ()) -> SoapReply:
-        with self.lock:
-            self.calls.append((url, action, body))
-        return self.responders[url.split("//")[1][0]](url, action, body, spool_dir)
-
-    @contextmanager
-    def stream(self, url: str, action: str, body: etree._Element, *, read_timeout: float,
-               spool_dir: Path, deadline: float | None = None, headers: Any = (),
-               pipe_after_root: bool = False
-               ) -> Iterator[Any]:
-        """OutboundPool.stream over `call`: the root first, then the attachments."""
-        whole = self.call(url, action, body, read_timeout=read_timeout, spool_dir=spool_dir,
-                          headers=headers)
-
-        class Streamed:
-            complete = False
-
-            def events(self) -> Iterator[Any]:
-                yield SoapReply(whole.http_status, whole.envelope, whole.body, {})
-                yield from whole.attachments.values()
-                self.complete = True
-
-        yield Streamed()
-
-
 @pytest.fixture
 def pool(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakePool]:
     fake = FakePool({})
@@ -126,12 +79,6 @@ def pool(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakePool]:
 
 def ctx(tmp_path: Path) -> RequestContext:
     return RequestContext("/xca/initiating", Action.ITI18, None, None, {}, tmp_path)
-
-
-def reply(body: etree._Element, attachments: dict[str, Attachment] | None = None) -> SoapReply:
-    env = etree.Element(q(SOAP12, "Envelope"))
-    etree.SubElement(env, q(SOAP12, "Body")).append(body)
-    return SoapReply(200, env, body, attachments or {})
 
 
 def entry(entry_id: str, home: str | None = None) -> etree._Element:
@@ -153,10 +100,6 @@ def answering(*objects: etree._Element, errors: list[XdsError] | None = None,
             rol.append(etree.fromstring(etree.tostring(o)))
         return reply(resp)
     return respond
-
-
-def refusing(url: str, action: str, body: etree._Element, spool: Path | None) -> SoapReply:
-    raise requests.ConnectionError("connection refused")
 
 
 def sleeping(seconds: float) -> Responder:

@@ -11,7 +11,7 @@ import base64
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ from gateway.ns import (
 from gateway.soap.client import SoapReply
 from gateway.transactions import Attachment, RequestContext
 from gateway.xca import remote_registry, remote_retrieve, responding, responding_imaging
+from tests.support.outbound import Audit, FakePool, Responder, refusing, reply
 from tests.support.rad69 import EXPLICIT_LE, rad69_request
 from tests.support.xsd import assert_valid
 
@@ -90,37 +91,10 @@ def config(tmp: Path, *, registry_url: str = "https://g.example/xds/registry",
     }, base=tmp)
 
 
-class Audit:
-    def __init__(self) -> None:
-        self.records: list[tuple[str, str, int | None]] = []
-
-    def record_outbound(self, transaction: str, *, endpoint_url: str, request_body: Any,
-                        response_body: Any, outcome: int | None, human: Any = None) -> None:
-        self.records.append((transaction, endpoint_url, outcome))
-
-
 @dataclass
 class Services:
     config: GatewayConfig
     audit: Audit = field(default_factory=Audit)
-
-
-Responder = Callable[[str, str, etree._Element, Path | None], SoapReply]
-
-
-class FakePool:
-    """Stands in for OutboundPool: `responders[first letter of the URL's host]` answers."""
-
-    def __init__(self) -> None:
-        self.responders: dict[str, Responder] = {}
-        self.calls: list[tuple[str, str, etree._Element]] = []
-        self.lock = threading.Lock()
-
-    def call(self, url: str, action: str, body: etree._Element, *, read_timeout: float,
-             spool_dir: Path | None = None, headers: Any = ()) -> SoapReply:
-        with self.lock:
-            self.calls.append((url, action, body))
-        return self.responders[url.split("//")[1][0]](url, action, body, spool_dir)
 
 
 @pytest.fixture
@@ -135,16 +109,6 @@ def ctx(tmp: Path, endpoint: str, action: str) -> RequestContext:
     spool = tmp / f"spool-{uuid.uuid4().hex[:8]}"
     spool.mkdir()
     return RequestContext(endpoint, action, f"urn:uuid:{uuid.uuid4()}", None, {}, spool)
-
-
-def reply(body: etree._Element, attachments: dict[str, Attachment] | None = None) -> SoapReply:
-    env = etree.Element(q(SOAP12, "Envelope"))
-    etree.SubElement(env, q(SOAP12, "Body")).append(body)
-    return SoapReply(200, env, body, attachments or {})
-
-
-def refusing(url: str, action: str, body: etree._Element, spool: Path | None) -> SoapReply:
-    raise requests.ConnectionError("connection refused")
 
 
 def sleeping(seconds: float) -> Responder:

@@ -1,9 +1,9 @@
 """One association as an SCU over a plain TCP or DICOM TLS socket, without pynetdicom's DUL
 thread: connect, A-ASSOCIATE-RQ and its answer, then bounded reads of PDU headers and bodies
 through one receive buffer (`read`; `copy` writes a body slice to a file descriptor straight
-from that buffer), sends, A-RELEASE and A-ABORT. Every socket wait is bounded by the
-association's timeout, and every failure becomes a `PacsError` with the same kinds and wording
-as gateway.dicom.association."""
+from that buffer; `pdvs` walks the PDV headers of a P-DATA-TF body), sends, A-RELEASE and
+A-ABORT. Every socket wait is bounded by the association's timeout, and every failure becomes
+a `PacsError` with the same kinds and wording as gateway.dicom.association."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator, Sequence
 
 from gateway.config import PacsConfig
-from gateway.dicom.association import _server_name, _tls_diagnose, tls_context
+from gateway.dicom.association import _server_name, _tls_diagnose, connect, tls_context
 from gateway.dicom.errors import PacsError
 from gateway.dicom.ul import pdu
 from gateway.dicom.ul.pdu import AcceptedAssociation, PduError, ProposedContext
@@ -120,6 +120,22 @@ class Link:
             self._pos = pos + take
             n -= take
 
+    def pdvs(self, length: int) -> Iterator[tuple[int, int, int]]:
+        """The PDVs of one P-DATA-TF PDU whose body is the next `length` bytes, header by
+        header: (presentation context id, message control header, value length). The caller
+        takes each value (`read` or `copy`) before asking for the next PDV; a PDV that does
+        not fit its PDU is a PduError."""
+        unpack = pdu.PDV_HEADER.unpack
+        remaining = length
+        while remaining:
+            if remaining < 6:
+                raise PduError("P-DATA-TF PDU ends inside a PDV header")
+            item_length, context_id, mch = unpack(self.read(6))
+            if item_length < 2 or item_length + 4 > remaining:
+                raise PduError("PDV length does not fit its PDU")
+            remaining -= 4 + item_length
+            yield context_id, mch, item_length - 2
+
     # -- sending -----------------------------------------------------------------------
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -191,15 +207,7 @@ class Link:
 
 
 def _connect(pacs: PacsConfig, timeout: float) -> socket.socket:
-    try:
-        sock = socket.create_connection((pacs.host, pacs.port), timeout=min(timeout, 10))
-    except TimeoutError:
-        raise PacsError("timeout", f"no answer from {pacs.host}:{pacs.port} "
-                                   f"within {min(timeout, 10):.0f} s") from None
-    except OSError as exc:
-        raise PacsError("unreachable",
-                        f"cannot connect to {pacs.host}:{pacs.port}: {exc.strerror or exc}"
-                        ) from None
+    sock = connect(pacs, timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.settimeout(timeout)
     return sock

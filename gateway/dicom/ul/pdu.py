@@ -1,6 +1,7 @@
 """DICOM Upper Layer PDUs (PS3.8 section 9.3) as bytes: encoding the few an SCU sends
 (A-ASSOCIATE-RQ, P-DATA-TF, A-RELEASE-RQ/RP, A-ABORT) and decoding the association answers
-(A-ASSOCIATE-AC/RJ, A-ABORT). Pure: no sockets; P-DATA-TF PDUs are read by `ul.link`.
+(A-ASSOCIATE-AC/RJ, A-ABORT), and the UIDs they carry (application context, the
+uncompressed transfer syntaxes). Pure: no sockets; P-DATA-TF PDUs are read by `ul.link`.
 
 Every decoder checks lengths against the bytes it was given and raises `PduError` on anything
 malformed, so a misbehaving peer can never make us read past a buffer or loop."""
@@ -12,6 +13,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+# The uncompressed transfer syntaxes our SCUs propose for their query/retrieve contexts.
+IMPLICIT_LE = "1.2.840.10008.1.2"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
 A_ASSOCIATE_RQ = 0x01
 A_ASSOCIATE_AC = 0x02

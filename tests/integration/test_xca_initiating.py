@@ -8,7 +8,9 @@ and D and S are only asked for the patients their cross-reference lists, so each
 chooses who is asked by the patient it queries for. A fourth gateway ("small") initiates to B
 and C with [registry] max_results = 3, for XDSTooManyResults on the merged answer. The merged
 answers carry A's own patient id (C's translated back) and are paged by startIndex /
-maxResults.
+maxResults. Most calls use the gateway's own client; the last tests call A with zeep from the
+official XCA Initiating Gateway Query WSDL and validate every answer against the official
+schemas.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from lxml import etree
+from zeep.plugins import HistoryPlugin
 
 from gateway.demo import (
     AUTHORITY,
@@ -42,13 +46,24 @@ from gateway.ebrim.render import (
     render_adhoc_query_request,
     render_retrieve_document_set_request,
 )
-from gateway.ns import XDSB, XDSI, Action, ErrorCode, ResponseStatus, StoredQuery, q
+from gateway.ns import (
+    RIM,
+    XDSB,
+    XDSI,
+    Action,
+    AvailabilityStatus,
+    ErrorCode,
+    ResponseStatus,
+    StoredQuery,
+    q,
+)
 from gateway.security.pki import (
     DevPki,
     create_dev_pki,
 )
 from gateway.soap.client import SoapClient
 from gateway.xca.outbound import OutboundPool, OutboundSettings
+from tests.integration.test_repository_zeep import PATIENT_ID_SCHEME, UNIQUE_ID_SCHEME, values
 from tests.support.communities import (
     PeerServer,
     QuietHandler,
@@ -57,6 +72,8 @@ from tests.support.communities import (
     shut_down,
     submit,
 )
+from tests.support.xsd import assert_valid
+from tests.support.zeep_client import mtls_session, official_client
 
 HA = "urn:oid:1.3.6.1.4.1.21367.2017.2.6.101"
 HB = "urn:oid:1.3.6.1.4.1.21367.2017.2.6.102"
@@ -398,3 +415,68 @@ def test_outbound_pool_reuses_its_client_over_mutual_tls(federation: Federation)
         assert pool.created == 1
     finally:
         pool.close()
+
+
+# --- zeep, from the official XCA Initiating Gateway Query WSDL ------------------------------
+
+ZEEP_BINDING = "{urn:ihe:iti:xds-b:2007}InitiatingGatewayQuery_Binding_Soap"
+
+
+@pytest.fixture(scope="module")
+def zeep_query(federation: Federation) -> Iterator[tuple[Any, HistoryPlugin]]:
+    pki = federation.pki
+    session = mtls_session(pki.ca_cert, pki.client_cert, pki.client_key)
+    history = HistoryPlugin()
+    client = official_client("ihe-iti/XCAInitiatingGatewayQuery.wsdl", session)
+    client.plugins.append(history)
+    yield client.create_service(ZEEP_BINDING, federation.a.base_url + "/xca/initiating"), history
+    session.close()
+
+
+def _find(service: Any, history: HistoryPlugin, **paging: int) -> etree._Element:
+    service.DocumentRegistry_RegistryStoredQuery(
+        ResponseOption={"returnType": "LeafClass", "returnComposedObjects": True},
+        AdhocQuery={"id": StoredQuery.FIND_DOCUMENTS, "Slot": [
+            {"name": "$XDSDocumentEntryPatientId", "ValueList": values(f"'{PATIENT}'")},
+            {"name": "$XDSDocumentEntryStatus",
+             "ValueList": values(f"('{AvailabilityStatus.APPROVED}')")},
+        ]}, **paging)
+    last = history.last_received
+    assert last is not None
+    body = last["envelope"].find("{http://www.w3.org/2003/05/soap-envelope}Body")
+    assert body is not None and len(body) == 1
+    assert_valid(body[0])
+    return body[0]
+
+
+def _entries(body: etree._Element) -> list[tuple[str, str | None, str]]:
+    """(uniqueId, home, patientId) of each ExtrinsicObject, in answer order."""
+    out = []
+    for eo in body.iter(f"{{{RIM}}}ExtrinsicObject"):
+        ids = {ei.get("identificationScheme"): ei.get("value")
+               for ei in eo.findall(f"{{{RIM}}}ExternalIdentifier")}
+        out.append((ids[UNIQUE_ID_SCHEME] or "", eo.get("home"), ids[PATIENT_ID_SCHEME] or ""))
+    return out
+
+
+def test_zeep_find_documents_merges_homes_and_local_patient_ids(
+        federation: Federation, zeep_query: tuple[Any, HistoryPlugin]) -> None:
+    body = _find(*zeep_query)
+    assert body.get("status") == ResponseStatus.SUCCESS
+    found = _entries(body)
+    homes = {uid: home for uid, home, _pid in found}
+    assert homes == {**{u: HB for u in federation.b_docs}, **{u: HC for u in federation.c_docs}}
+    # C holds the patient under its own id; the consumer sees the id it asked with.
+    assert {pid for _uid, _home, pid in found} == {PATIENT}
+
+
+def test_zeep_pages_of_the_merged_answer_add_up_to_it(
+        zeep_query: tuple[Any, HistoryPlugin]) -> None:
+    whole = [uid for uid, _h, _p in _entries(_find(*zeep_query))]
+    paged: list[str] = []
+    for start in range(0, len(whole), 2):
+        body = _find(*zeep_query, startIndex=start, maxResults=2)
+        assert body.get("startIndex") == str(start)
+        assert body.get("totalResultCount") == str(len(whole))
+        paged.extend(uid for uid, _h, _p in _entries(body))
+    assert paged == whole and len(whole) >= 3

@@ -36,6 +36,9 @@ class Attachment:
     # Lowercase hex SHA-1 of the bytes, when the writer of `path` computed it while writing
     # (the MTOM parser does); None when unknown.
     sha1: str | None = None
+    # `size` bytes of `path` from `offset` (a file shared by several parts); None: the
+    # whole file, whose size is taken when the response is framed.
+    offset: int | None = None
 
 
 @dataclass(frozen=True, eq=False)

@@ -3,10 +3,12 @@ parallel associations.
 
 `retrieve(pacs, instances, transfer_syntaxes, spool, ...)` fetches the given instances (their
 study, series, SOP instance and SOP class UIDs, from C-FIND) and returns which arrived, as Part
-10 files in `spool` (the dataset bytes exactly as the PACS sent them, behind a file meta header),
-and which did not. The work is split into `associations` jobs that run in a small pool of
-worker processes; each job opens one association. pynetdicom's receive path is CPU-bound
-Python, so its threads would share one core. The built-in engine spends most of its CPU in the
+10 files in `spool` (the dataset bytes exactly as the PACS sent them, behind a file meta header:
+with the built-in engine byte ranges of one segment file per association, see
+gateway.dicom.cget; otherwise one file per instance), and which did not. The work is split
+into `associations` jobs that run in a small pool of worker processes; each job opens one
+association. pynetdicom's receive path is CPU-bound Python, so its threads would share one
+core. The built-in engine spends most of its CPU in the
 kernel (socket reads, file creation and writes), and run in threads of the web server worker
 instead it used the same CPU in all (measured: worker 0.53-0.65 s per 263 MB against worker
 0.25-0.31 s plus pool 0.24-0.39 s) and was no faster; the pool stays, for both engines: it
@@ -88,10 +90,24 @@ class InstanceRef:
 
 @dataclass(frozen=True)
 class Received:
+    """An instance in the spool folder: `size` bytes of `path` from `offset` (a Part 10
+    file). The built-in engine appends the instances of an association to one segment file
+    (offset >= 0); the pynetdicom engine and C-MOVE give each its own file (offset None: the
+    whole file)."""
+
     sop_instance_uid: str
     path: Path
     transfer_syntax: str
     size: int
+    offset: int | None = None
+
+    def read_bytes(self) -> bytes:
+        """The instance's bytes (for tests and small tools: a whole instance in memory)."""
+        if self.offset is None:
+            return self.path.read_bytes()
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            return f.read(self.size)
 
 
 @dataclass
@@ -256,8 +272,8 @@ def _run_builtin_get(pacs: PacsConfig, job: _Job) -> _JobResult:
 
     result = _JobResult()
 
-    def stored(uid: str, path: Path, ts: str, size: int) -> None:
-        rec = Received(uid, path, ts, size)
+    def stored(uid: str, path: Path, ts: str, size: int, offset: int) -> None:
+        rec = Received(uid, path, ts, size, offset)
         result.received.append(rec)
         _report(job.token, rec)
 
@@ -441,12 +457,28 @@ def warm_up_in_background(associations: int) -> threading.Thread:
 
 
 def _spooled(jobs: Sequence[_Job], spool: Path, results: Sequence[_JobResult]) -> _JobResult:
-    """What unfinished jobs had already received: each instance is renamed into place as
-    `<uid>.dcm` only once complete, so such a file is whole."""
+    """What unfinished jobs had already received: the instances listed in the segment
+    indexes of the built-in engine (a line is written once its instance is complete), and
+    the `<uid>.dcm` files of the other paths (renamed into place only once complete)."""
     from gateway.dicom.storescp import transfer_syntax_of
 
     known = {r.sop_instance_uid for res in results for r in res.received}
+    wanted = {inst.sop_instance_uid for job in jobs for inst in job.instances}
     out = _JobResult()
+    for index in sorted(spool.glob("*.idx")):
+        try:
+            lines = index.read_text("ascii").splitlines()
+        except (OSError, UnicodeError) as exc:
+            log.warning("spool index unreadable: %s", type(exc).__name__)
+            continue
+        for line in lines:
+            fields = line.split(" ")
+            if len(fields) != 4 or fields[0] not in wanted or fields[0] in known:
+                continue
+            uid, offset, size, ts = fields
+            known.add(uid)
+            out.received.append(Received(uid, index.with_suffix(".seg"), ts, int(size),
+                                         int(offset)))
     for job in jobs:
         for inst in job.instances:
             path = spool / f"{_safe_name(inst.sop_instance_uid)}.dcm"

@@ -187,6 +187,9 @@ class RetrievedDocument:
     home_community_id: str | None = None
     new_repository_unique_id: str | None = None
     new_document_unique_id: str | None = None
+    # The bytes are `size` bytes of `path` from `offset` (a file shared by several documents,
+    # gateway.dicom.cget's segments); None: the whole file.
+    offset: int | None = None
 
 
 # --- Responses, as parsed by clients and tests (gateway.ebrim.parse) ---------------------------

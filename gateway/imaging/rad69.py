@@ -113,7 +113,8 @@ def _response(status: str, documents: list[RetrievedDocument], errors: list[XdsE
     content_ids = {id(d): f"doc{i}@{CONTENT_ID_DOMAIN}" for i, d in enumerate(documents)}
     body = render_retrieve_document_set_response(
         status, documents, errors, content_id_for=lambda d: content_ids[id(d)])
-    attachments = tuple(Attachment(content_ids[id(d)], d.path, d.size, MIME_DICOM)
+    attachments = tuple(Attachment(content_ids[id(d)], d.path, d.size, MIME_DICOM,
+                                   offset=d.offset)
                         for d in documents)
     return SoapResponse(body=body, attachments=attachments, cleanup=cleanup)
 
@@ -257,15 +258,17 @@ class LiveRetrieve:
             return None
         self._seen.add(uid)
         if got.transfer_syntax not in self._syntaxes:
-            got.path.unlink(missing_ok=True)
+            if got.offset is None:  # its own file (a segment is removed with the folder)
+                got.path.unlink(missing_ok=True)
             self._wrong_syntax[uid] = got.transfer_syntax
             return None
         content_id = f"doc{len(self._sent)}@{CONTENT_ID_DOMAIN}"
         self._sent.append(RetrievedDocument(
             repository_unique_id=doc.repository_unique_id,
             document_unique_id=doc.document_unique_id, mime_type=MIME_DICOM,
-            path=got.path, size=got.size, home_community_id=doc.home_community_id))
-        return Attachment(content_id, got.path, got.size, MIME_DICOM)
+            path=got.path, size=got.size, home_community_id=doc.home_community_id,
+            offset=got.offset))
+        return Attachment(content_id, got.path, got.size, MIME_DICOM, offset=got.offset)
 
     def parts(self) -> Iterator[Attachment]:
         """The instances in arrival order, each as soon as its file is complete."""
@@ -361,9 +364,10 @@ def fetch(services: Services, resolution: Resolution, syntaxes: tuple[str, ...],
             documents.append(RetrievedDocument(
                 repository_unique_id=doc.repository_unique_id,
                 document_unique_id=doc.document_unique_id, mime_type=MIME_DICOM,
-                path=got.path, size=got.size, home_community_id=doc.home_community_id))
+                path=got.path, size=got.size, home_community_id=doc.home_community_id,
+                offset=got.offset))
             continue
-        if got is not None:
+        if got is not None and got.offset is None:  # a segment goes with the folder
             got.path.unlink(missing_ok=True)
         errors.append(_retrieve_error(doc, got.transfer_syntax if got is not None else None,
                                       None, outcome, syntaxes))

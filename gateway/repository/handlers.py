@@ -369,5 +369,6 @@ def retrieve_document_set(services: Services, ctx: RequestContext,
     body_el = render_retrieve_document_set_response(
         status, documents, errors, content_id_for=content_id_for)
     attachments = tuple(
-        Attachment(content_ids[id(d)], d.path, d.size, d.mime_type) for d in documents)
+        Attachment(content_ids[id(d)], d.path, d.size, d.mime_type, offset=d.offset)
+        for d in documents)
     return SoapResponse(body=body_el, attachments=attachments)

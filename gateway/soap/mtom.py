@@ -90,7 +90,7 @@ class MtomResponse:
     def __iter__(self) -> Iterator[bytes]:
         yield self._head
         for att, size, after in self._parts:
-            yield from iter_file(att.path, size, self._chunk)
+            yield from iter_file(att.path, size, self._chunk, att.offset)
             yield after
         if self._trailer:
             yield self._trailer
@@ -122,7 +122,8 @@ def mtom_response(envelope: bytes, attachments: Sequence[Attachment], *,
     """Frame `envelope` (SOAP 1.2, UTF-8, with xop:Include hrefs) and `attachments` as MTOM.
 
     Returns (Content-Type header value, exact Content-Length, body iterable). File sizes are
-    taken when this is called; each file is then sent with exactly that many bytes. The
+    taken when this is called (an attachment with an offset: its `size` bytes from there);
+    each file is then sent with exactly that many bytes. The
     boundary is random and never occurs in the envelope.
     """
     while True:
@@ -141,7 +142,7 @@ def mtom_response(envelope: bytes, attachments: Sequence[Attachment], *,
     total = len(head)
     parts: list[tuple[Attachment, int, bytes]] = []
     for i, att in enumerate(attachments):
-        size = att.path.stat().st_size
+        size = att.path.stat().st_size if att.offset is None else att.size
         header = dash + b"\r\n" + _part_header(
             _header_safe(att.content_type or "application/octet-stream", "content type"),
             _header_safe(att.content_id, "content id"))
@@ -215,7 +216,8 @@ class LiveMtomResponse:
         if self._root_first:
             pending = self._root_part() + b"\r\n"
         for att in self._parts:
-            size = 0 if isinstance(att, StreamedAttachment) else att.path.stat().st_size
+            size = (0 if isinstance(att, StreamedAttachment) else att.path.stat().st_size
+                    if att.offset is None else att.size)
             pending += dash + b"\r\n" + _part_header(
                 _header_safe(att.content_type or "application/octet-stream", "content type"),
                 _header_safe(att.content_id, "content id"))
@@ -227,7 +229,7 @@ class LiveMtomResponse:
                     if chunk:  # an empty write would end a chunked HTTP body
                         yield chunk
             else:
-                yield from iter_file(att.path, size, self._chunk)
+                yield from iter_file(att.path, size, self._chunk, att.offset)
             pending = b"\r\n"
             self.parts_written += 1
         if self._root_first:

@@ -808,9 +808,13 @@ def _iter_parts(stream: Readable, content_type: str, spool_dir: Path, *,
             if start else "multipart body has no root part")
 
 
-def iter_file(path: Path, size: int, chunk_size: int) -> Iterator[bytes]:
-    """Exactly `size` bytes of the file at `path`, in chunks; an error if it is shorter."""
+def iter_file(path: Path, size: int, chunk_size: int, offset: int | None = None
+              ) -> Iterator[bytes]:
+    """Exactly `size` bytes of the file at `path` (from `offset`, or its start), in chunks;
+    an error if it is shorter."""
     with open(path, "rb", buffering=0) as f:
+        if offset:
+            f.seek(offset)
         left = size
         while left > 0:
             data = f.read(min(chunk_size, left))

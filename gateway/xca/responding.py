@@ -167,6 +167,7 @@ def cross_gateway_retrieve(services: Services, ctx: RequestContext,
     body_el = render_retrieve_document_set_response(
         status, documents, errors, content_id_for=lambda d: content_ids[id(d)],
         location=home)
-    attachments = tuple(Attachment(content_ids[id(d)], d.path, d.size, d.mime_type)
+    attachments = tuple(Attachment(content_ids[id(d)], d.path, d.size, d.mime_type,
+                                   offset=d.offset)
                         for d in documents)
     return SoapResponse(body=body_el, attachments=attachments)

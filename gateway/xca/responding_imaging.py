@@ -208,6 +208,7 @@ def cross_gateway_retrieve_imaging(services: Services, ctx: RequestContext,
     body_el = render_retrieve_document_set_response(
         status, documents, errors, content_id_for=lambda d: content_ids[id(d)],
         location=home)
-    attachments = tuple(Attachment(content_ids[id(d)], d.path, d.size, MIME_DICOM)
+    attachments = tuple(Attachment(content_ids[id(d)], d.path, d.size, MIME_DICOM,
+                                   offset=d.offset)
                         for d in documents)
     return SoapResponse(body=body_el, attachments=attachments, cleanup=[spool])

@@ -401,10 +401,14 @@ def test_dimse_engines_agree_and_report_progress(orthanc: OrthancFixture, small_
         spool = tmp_path / engine
         outcome = retrieve(pacs, refs, [EXPLICIT_LE], spool, associations=2, timeout=10,
                            on_received=on_received)
+        if engine == "builtin":
+            outcome_builtin = outcome
         assert outcome.error is None and not outcome.missing
         assert sorted(c[0] for c in calls) == sorted(outcome.received)  # each once
         assert {c[1] for c in calls} == {threading.get_ident()} and all(c[2] for c in calls)
-        files[engine] = {uid: r.path.read_bytes() for uid, r in outcome.received.items()}
-        for uid, rec in outcome.received.items():
-            assert dataset_bytes(rec.path) == dataset_bytes(originals[uid])
+        files[engine] = {uid: r.read_bytes() for uid, r in outcome.received.items()}
+        for uid, data in files[engine].items():
+            assert dataset_bytes(data) == dataset_bytes(originals[uid])
+    # The built-in engine: one segment file per association, every instance a range of one.
+    assert len({r.path for r in outcome_builtin.received.values()}) == 2
     assert files["builtin"] == files["pynetdicom"]

@@ -109,12 +109,14 @@ def rad69_request(docs: Iterable[tuple[str, str, str]], syntaxes: Sequence[str],
     return root
 
 
-def dataset_bytes(path: Path) -> bytes:
-    """The bytes after the Part 10 file meta group (what the PACS sent, untouched)."""
-    data = path.read_bytes()
-    assert data[128:132] == b"DICM", f"{path} is not a Part 10 file"
+def dataset_bytes(source: Path | bytes) -> bytes:
+    """The bytes after the Part 10 file meta group (what the PACS sent, untouched), of a
+    file or of its bytes."""
+    data = source if isinstance(source, bytes) else source.read_bytes()
+    name = "instance" if isinstance(source, bytes) else str(source)
+    assert data[128:132] == b"DICM", f"{name} is not a Part 10 file"
     # (0002,0000) UL group length, explicit VR little endian: tag 4 + VR 2 + len 2 + value 4
-    assert data[132:136] == b"\x02\x00\x00\x00", f"{path}: no file meta group length first"
+    assert data[132:136] == b"\x02\x00\x00\x00", f"{name}: no file meta group length first"
     (group_length,) = struct.unpack("<I", data[140:144])
     return data[144 + group_length:]
 

@@ -157,7 +157,7 @@ def _run(pacs: PacsConfig, spool: Path, refs: list[InstanceRef] = REFS[:1],
     got: list[Received] = []
     start = time.monotonic()
     failed, error = run_c_get(pacs, refs, [EXPLICIT_LE], spool, timeout,
-                              lambda u, p, t, s: got.append(Received(u, p, t, s)))
+                              lambda u, p, t, s, o: got.append(Received(u, p, t, s, o)))
     return got, failed, error, time.monotonic() - start
 
 
@@ -179,11 +179,16 @@ def test_instances_spooled_and_unwanted_refused(tmp_path: Path) -> None:
     assert errors == [] and error is None and failed == {}
     assert statuses == [0x0000, 0xA900]
     assert [(r.sop_instance_uid, r.transfer_syntax) for r in got] == [("1.2.9.1.1", EXPLICIT_LE)]
-    path = tmp_path / "1.2.9.1.1.dcm"
-    assert got[0].path == path and got[0].size == path.stat().st_size
-    assert path.read_bytes() == (file_meta_header(CT, "1.2.9.1.1", EXPLICIT_LE)
-                                 + _dataset("1.2.9.1.1"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["1.2.9.1.1.dcm"]
+    # One segment file for the association, the instance at its start, and its index line.
+    segment = got[0].path
+    assert segment.parent == tmp_path and segment.suffix == ".seg" and got[0].offset == 0
+    assert got[0].size == segment.stat().st_size  # the unwanted instance left nothing
+    assert got[0].read_bytes() == (file_meta_header(CT, "1.2.9.1.1", EXPLICIT_LE)
+                                   + _dataset("1.2.9.1.1"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [segment.stem + ".idx",
+                                                          segment.name]
+    assert segment.with_suffix(".idx").read_text() == (
+        f"1.2.9.1.1 0 {got[0].size} {EXPLICIT_LE}\n")
 
 
 @pytest.mark.parametrize("recv_buffer", [1000, 1 << 18])
@@ -226,11 +231,13 @@ def test_pdus_split_anywhere_by_tcp(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         got, failed, error, _t = _run(pacs, tmp_path, REFS)
     assert errors == [] and error is None and failed == {}
     assert statuses == [0x0000, 0x0000]
+    offset = 0
     for rec, uid in zip(got, uids, strict=True):
-        assert rec.sop_instance_uid == uid
-        assert rec.path.read_bytes() == file_meta_header(CT, uid, EXPLICIT_LE) + _dataset(uid)
-        assert rec.size == rec.path.stat().st_size
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{u}.dcm" for u in uids]
+        assert rec.sop_instance_uid == uid and rec.offset == offset  # appended in order
+        assert rec.read_bytes() == file_meta_header(CT, uid, EXPLICIT_LE) + _dataset(uid)
+        offset += rec.size
+    assert got[0].path == got[1].path and got[0].path.stat().st_size == offset
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".idx", ".seg"]
 
 
 def test_failed_group_is_retried_instance_by_instance(tmp_path: Path) -> None:

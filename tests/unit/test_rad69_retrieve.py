@@ -41,6 +41,25 @@ def test_spooled_reports_whole_files_of_unfinished_jobs(tmp_path: Path) -> None:
     assert out.received[0].size == (tmp_path / "1.1.1.2.dcm").stat().st_size
 
 
+def test_spooled_reads_the_segment_indexes_of_unfinished_jobs(tmp_path: Path) -> None:
+    """The built-in engine's instances of a job given up on: the complete ones its segment
+    index lists (an instance still being written has no line yet), once each, only those
+    asked for."""
+    refs = [InstanceRef("1.1", "1.1.1", f"1.1.1.{k}", CT) for k in range(1, 4)]
+    job = _Job(tuple(refs), (ExplicitVRLittleEndian,), str(tmp_path), "c-get", 5)
+    (tmp_path / "a.seg").write_bytes(b"x" * 300)
+    (tmp_path / "a.idx").write_text(f"1.1.1.1 0 100 {ExplicitVRLittleEndian}\n"
+                                    f"1.1.1.2 100 150 {ExplicitVRLittleEndian}\n"
+                                    f"9.9.9 250 50 {ExplicitVRLittleEndian}\n"  # not ours
+                                    "1.1.1.3 250")  # a line cut short
+    finished = _JobResult(received=[Received("1.1.1.1", tmp_path / "a.seg",
+                                             ExplicitVRLittleEndian, 100, 0)])
+    out = _spooled([job], tmp_path, [finished])
+    assert [(r.sop_instance_uid, r.path.name, r.offset, r.size) for r in out.received] == [
+        ("1.1.1.2", "a.seg", 100, 150)]
+    assert out.received[0].read_bytes() == b"x" * 150
+
+
 def test_warm_up_failure_is_logged_not_raised(monkeypatch: pytest.MonkeyPatch,
                                               caplog: pytest.LogCaptureFixture) -> None:
     def broken(_n: int) -> None:

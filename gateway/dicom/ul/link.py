@@ -8,11 +8,12 @@ a `PacsError` with the same kinds and wording as gateway.dicom.association."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
 import ssl
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from gateway.config import PacsConfig
 from gateway.dicom.association import _server_name, _tls_diagnose, connect, tls_context
@@ -62,6 +63,11 @@ class Link:
         self.timeout = timeout
         self.accepted = AcceptedAssociation({}, 0)
         self._recv_into = sock.recv_into
+        # Acknowledge at once what arrives (see _fill); Linux only.
+        self._quickack: Callable[[], None] | None = (
+            functools.partial(sock.setsockopt, socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+            if hasattr(socket, "TCP_QUICKACK") and sock.family != getattr(socket, "AF_UNIX", -1)
+            else None)
         self._buf = bytearray(RECV_BUFFER)
         self._view = memoryview(self._buf)
         self._pos = 0  # unread bytes of the buffer are _buf[_pos:_end]
@@ -73,7 +79,18 @@ class Link:
 
     # -- receiving ---------------------------------------------------------------------
     def _fill(self) -> int:
-        """Receive into the (empty) buffer; returns how many bytes arrived."""
+        """Receive into the (empty) buffer; returns how many bytes arrived.
+
+        TCP_QUICKACK before each receive: a PACS that leaves Nagle's algorithm on (Orthanc's
+        DCMTK here) sends a PDU header as a small segment and holds the rest of the PDU until
+        that segment is acknowledged, and Linux delays the acknowledgement of a lone small
+        segment by 40 ms. Measured against Orthanc: a C-FIND took 43 ms instead of 1.2 ms, and
+        a 500-instance C-GET 0.65-1.46 s (17-24 such stalls) instead of 0.34-0.43 s. The
+        option is not sticky (the kernel returns to delayed acknowledgements), hence each
+        time; it costs one system call per receive (of up to RECV_BUFFER bytes)."""
+        if self._quickack is not None:
+            with contextlib.suppress(OSError):
+                self._quickack()
         n = self._recv_into(self._view)
         if not n:
             raise ConnectionResetError("connection closed by the PACS")

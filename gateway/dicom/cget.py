@@ -31,7 +31,7 @@ import contextlib
 import os
 import struct
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -104,14 +104,17 @@ def uid_batches(uids: Sequence[str], limit: int = MAX_UID_LIST_BYTES) -> list[li
     return batches
 
 
-def _identifier(study: str, series: str, uids: Sequence[str], transfer_syntax: str) -> bytes:
+def _identifier(study: str, series: str, uids: Sequence[str], transfer_syntax: str,
+                whole: bool = False) -> bytes:
+    """The C-GET identifier: IMAGE level with the UID list, or SERIES level (`whole`)."""
     from pynetdicom.dsutils import encode
 
     ds = Dataset()
-    ds.QueryRetrieveLevel = "IMAGE"
+    ds.QueryRetrieveLevel = "SERIES" if whole else "IMAGE"
     ds.StudyInstanceUID = study
     ds.SeriesInstanceUID = series
-    ds.SOPInstanceUID = list(uids) if len(uids) > 1 else uids[0]
+    if not whole:
+        ds.SOPInstanceUID = list(uids) if len(uids) > 1 else uids[0]
     raw = encode(ds, transfer_syntax == IMPLICIT_LE, True)
     if raw is None:
         raise PacsError("failed", "cannot encode the C-GET identifier")
@@ -169,14 +172,15 @@ class CGetSession:
         self._end = 0  # the segment's length: where the next instance starts
 
     # -- one C-GET -----------------------------------------------------------------------
-    def get(self, study: str, series: str, uids: Sequence[str]) -> int:
-        """Send one C-GET-RQ and receive until its final response; returns its status."""
+    def get(self, study: str, series: str, uids: Sequence[str], whole: bool = False) -> int:
+        """Send one C-GET-RQ (SERIES level when `whole`: the series' every instance is in
+        `uids`) and receive until its final response; returns its status."""
         self._message_id = self._message_id % 0xFFFF + 1
         self._final = None
         link = self.link
         with link.guard("C-GET"):
             link.send_message(self.get_context, dimse.c_get_rq(self._message_id, GET_MODEL),
-                              _identifier(study, series, uids, self.get_syntax))
+                              _identifier(study, series, uids, self.get_syntax, whole))
             try:
                 while self._final is None:
                     pdu_type, length = link.pdu_header()
@@ -323,11 +327,12 @@ def _check_final(status: int) -> None:
 
 
 def _get_group(session: CGetSession, study: str, series: str, uids: list[str],
-               failed: dict[str, str]) -> None:
-    """One C-GET for instances of one series; a failure status for the whole group is
-    retried instance by instance (one instance the PACS cannot convert fails the group)."""
+               failed: dict[str, str], whole: bool = False) -> None:
+    """One C-GET for instances of one series (SERIES level when `whole`); a failure status
+    for the whole group is retried instance by instance (one instance the PACS cannot
+    convert fails the group)."""
     try:
-        _check_final(session.get(study, series, uids))
+        _check_final(session.get(study, series, uids, whole))
     except PacsError as exc:
         if exc.kind != "failed":
             raise
@@ -362,11 +367,14 @@ def refused_scp_roles(roles: dict[str, tuple[bool, bool]], classes: Sequence[str
 
 def run_c_get(pacs: PacsConfig, instances: Sequence[InstanceRef],
               transfer_syntaxes: Sequence[str], spool: Path, timeout: float,
-              on_stored: OnStored, *, deadline: float | None = None
+              on_stored: OnStored, *, deadline: float | None = None,
+              whole_series: Collection[tuple[str, str]] = ()
               ) -> tuple[dict[str, str], PacsError | None]:
     """Fetch `instances` over one association; returns (failed uid -> reason, the
     association-level error if any). Each received instance is reported to `on_stored`.
-    `deadline` (monotonic) bounds the whole exchange, beyond the per-read `timeout`."""
+    `deadline` (monotonic) bounds the whole exchange, beyond the per-read `timeout`. A
+    series in `whole_series` (`instances` holds all the PACS has of it) is fetched with one
+    SERIES-level C-GET; an instance the PACS sends that was not asked for is refused."""
     failed: dict[str, str] = {}
     classes = sorted({i.sop_class_uid for i in instances})
     contexts = proposed_contexts(classes, transfer_syntaxes)
@@ -389,6 +397,9 @@ def run_c_get(pacs: PacsConfig, instances: Sequence[InstanceRef],
                                   on_stored)
             try:
                 for (study, series), uids in groups.items():
+                    if (study, series) in whole_series and not any(u in failed for u in uids):
+                        _get_group(session, study, series, uids, failed, whole=True)
+                        continue
                     uids = [u for u in uids if u not in failed]
                     for batch in uid_batches(uids) if uids else []:
                         _get_group(session, study, series, batch, failed)

@@ -32,12 +32,15 @@ _DEFAULT_RETURN = {
 
 
 def build_query(level: str, keys: Mapping[str, str | list[str]],
-                return_keys: Sequence[str] = ()) -> Dataset:
+                return_keys: Sequence[str] = (), without: Sequence[str] = ()) -> Dataset:
+    """The identifier: the level's unique keys, its default return keys except those in
+    `without` (never a unique key), `return_keys`, then `keys` with their values."""
     if level not in LEVELS:
         raise ValueError(f"C-FIND level must be one of {LEVELS}, got {level!r}")
     ds = Dataset()
     ds.QueryRetrieveLevel = level
-    for keyword in (*_UNIQUE[level], *_DEFAULT_RETURN[level], *return_keys):
+    defaults = tuple(k for k in _DEFAULT_RETURN[level] if k not in without)
+    for keyword in (*_UNIQUE[level], *defaults, *return_keys):
         if tag_for_keyword(keyword) is None:
             raise ValueError(f"not a DICOM keyword: {keyword!r}")
         if keyword not in ds:
@@ -50,8 +53,11 @@ def build_query(level: str, keys: Mapping[str, str | list[str]],
 
 
 def find(pacs: PacsConfig, level: str, keys: Mapping[str, str | list[str]], *,
-         return_keys: Sequence[str] = (), timeout: float = 30) -> list[Dataset]:
-    query = build_query(level, keys, return_keys)
+         return_keys: Sequence[str] = (), timeout: float = 30,
+         without: Sequence[str] = ()) -> list[Dataset]:
+    """The matches of one C-FIND; `without` drops default return keys (a PACS may have to
+    read every matching instance for some: Orthanc for SOP Class UID)."""
+    query = build_query(level, keys, return_keys, without)
     if getattr(pacs, "dimse_engine", "builtin") == "builtin":
         from gateway.dicom.cfind import run_c_find
 

@@ -53,7 +53,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -130,6 +130,9 @@ class _Job:
     own_process: bool = False
     # Identifies the retrieve() call for progress reports (empty: nobody listens).
     token: str = ""
+    # (study, series) of which this job holds every instance the PACS has: the built-in
+    # engine fetches those with one SERIES-level C-GET (gateway.imaging.plan).
+    whole_series: frozenset[tuple[str, str]] = frozenset()
 
 
 @dataclass
@@ -280,7 +283,8 @@ def _run_builtin_get(pacs: PacsConfig, job: _Job) -> _JobResult:
     # retrieve() gives up on a job after this long: stop the association then too.
     deadline = time.monotonic() + _overall(job.timeout)
     failed, error = run_c_get(pacs, job.instances, job.transfer_syntaxes, Path(job.spool),
-                              job.timeout, stored, deadline=deadline)
+                              job.timeout, stored, deadline=deadline,
+                              whole_series=job.whole_series)
     result.failed.update(failed)
     if error is not None:
         result.error = (error.kind, error.message)
@@ -372,16 +376,27 @@ def _run_job(pacs: PacsConfig, job: _Job) -> _JobResult:
 
 
 def plan_jobs(instances: Sequence[InstanceRef], transfer_syntaxes: Sequence[str],
-              associations: int) -> list[list[InstanceRef]]:
+              associations: int, whole_series: Collection[tuple[str, str]] = ()
+              ) -> list[list[InstanceRef]]:
     """Split `instances` into about `associations` jobs, each within the context limit.
 
-    Instances are dealt round robin inside each series so that every job gets a share of
-    every series; a job whose SOP classes x transfer syntaxes exceed 127 contexts (one is the
-    Q/R model) is split by SOP class."""
+    A series in `whole_series` stays in one job (it is fetched with one SERIES-level C-GET):
+    largest first, each to the job with the fewest instances so far. The other instances are
+    then dealt one by one to the job with the fewest (round robin inside each series when no
+    series is whole, so that every job gets a share of every series). A
+    job whose SOP classes x transfer syntaxes exceed 127 contexts (one is the Q/R model) is
+    split by SOP class."""
     n = max(1, min(associations, len(instances)))
     jobs: list[list[InstanceRef]] = [[] for _ in range(n)]
-    for k, inst in enumerate(instances):
-        jobs[k % n].append(inst)
+    whole: dict[tuple[str, str], list[InstanceRef]] = {}
+    rest: list[InstanceRef] = []
+    for inst in instances:
+        key = (inst.study_uid, inst.series_uid)
+        (whole.setdefault(key, []) if key in whole_series else rest).append(inst)
+    for group in sorted(whole.values(), key=len, reverse=True):
+        min(jobs, key=len).extend(group)
+    for inst in rest:  # round robin when no series is whole
+        min(jobs, key=len).append(inst)
     per_class = max(1, len(transfer_syntaxes))
     max_classes = max(1, (MAX_CONTEXTS - 1) // per_class)
     out: list[list[InstanceRef]] = []
@@ -393,6 +408,23 @@ def plan_jobs(instances: Sequence[InstanceRef], transfer_syntaxes: Sequence[str]
             if part:
                 out.append(part)
     return out
+
+
+def whole_in(part: Sequence[InstanceRef], instances: Sequence[InstanceRef],
+             whole_series: Collection[tuple[str, str]]) -> frozenset[tuple[str, str]]:
+    """The series of `whole_series` of which `part` holds every instance of `instances`
+    (a job split by SOP class holds only some)."""
+    if not whole_series:
+        return frozenset()
+    counts: dict[tuple[str, str], int] = {}
+    for inst in instances:
+        counts[(inst.study_uid, inst.series_uid)] = counts.get(
+            (inst.study_uid, inst.series_uid), 0) + 1
+    mine: dict[tuple[str, str], int] = {}
+    for inst in part:
+        key = (inst.study_uid, inst.series_uid)
+        mine[key] = mine.get(key, 0) + 1
+    return frozenset(k for k, c in mine.items() if k in whole_series and c == counts[k])
 
 
 _POOL: ProcessPoolExecutor | None = None
@@ -496,7 +528,8 @@ def _spooled(jobs: Sequence[_Job], spool: Path, results: Sequence[_JobResult]) -
 def retrieve(pacs: PacsConfig, instances: Sequence[InstanceRef],
              transfer_syntaxes: Sequence[str], spool: Path, *, method: str = "c-get",
              associations: int = 3, timeout: float = 30, in_process: bool = False,
-             on_received: Callable[[Received], None] | None = None) -> RetrieveOutcome:
+             on_received: Callable[[Received], None] | None = None,
+             whole_series: Collection[tuple[str, str]] = ()) -> RetrieveOutcome:
     """Fetch `instances` into `spool` over up to `associations` parallel associations.
 
     Returns every instance as received or missing; an association-level problem is in
@@ -505,7 +538,9 @@ def retrieve(pacs: PacsConfig, instances: Sequence[InstanceRef],
     `on_received`, if given, is called in this thread once for each received instance, as
     soon as it is in `spool` (C-GET) or at the latest before retrieve() returns; an exception
     it raises ends the wait and propagates (jobs still running finish on their own, bounded
-    by `timeout`)."""
+    by `timeout`). `whole_series`: the (study, series) of which `instances` holds every
+    instance the PACS has (gateway.imaging.plan): the built-in C-GET engine fetches each
+    with one SERIES-level request, without a UID list."""
     if method not in ("c-get", "c-move"):
         raise ValueError(f"retrieve method must be c-get or c-move, got {method!r}")
     outcome = RetrieveOutcome()
@@ -513,9 +548,11 @@ def retrieve(pacs: PacsConfig, instances: Sequence[InstanceRef],
         return outcome
     spool.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex if on_received is not None else ""
+    if method != "c-get" or getattr(pacs, "dimse_engine", "builtin") != "builtin":
+        whole_series = ()  # IMAGE level with UID lists (pynetdicom engine, C-MOVE)
     jobs = [_Job(tuple(part), tuple(transfer_syntaxes), str(spool), method, timeout,
-                 token=token)
-            for part in plan_jobs(instances, transfer_syntaxes, associations)]
+                 token=token, whole_series=whole_in(part, instances, whole_series))
+            for part in plan_jobs(instances, transfer_syntaxes, associations, whole_series)]
     # A whole-request bound: every DIMSE wait is bounded by `timeout`, this catches the rest.
     overall = _overall(timeout)
     reported: set[str] = set()

@@ -213,6 +213,7 @@ class LiveRetrieve:
         pacs = services.config.pacs
         self._pacs = pacs
         self._found = list(resolution.found)
+        self._whole_series = set(resolution.whole_series)
         self._by_uid = {ref.sop_instance_uid: doc for ref, doc in self._found}
         self._syntaxes = syntaxes
         self._spool = spool
@@ -238,7 +239,8 @@ class LiveRetrieve:
             self._outcome = retrieve(
                 self._pacs, [ref for ref, _doc in self._found], self._syntaxes, self._spool,
                 method=self._pacs.retrieve, associations=self._pacs.associations,
-                timeout=self._pacs.timeout_seconds, on_received=self._queue.put)
+                timeout=self._pacs.timeout_seconds, on_received=self._queue.put,
+                whole_series=self._whole_series)
             if self._outcome.error is not None:
                 log.warning("RAD-69: retrieve from the PACS incomplete: %s",
                             self._outcome.error)
@@ -353,7 +355,8 @@ def fetch(services: Services, resolution: Resolution, syntaxes: tuple[str, ...],
     pacs = services.config.pacs
     refs = [ref for ref, _doc in resolution.found]
     outcome = retrieve(pacs, refs, syntaxes, spool, method=pacs.retrieve,
-                       associations=pacs.associations, timeout=pacs.timeout_seconds)
+                       associations=pacs.associations, timeout=pacs.timeout_seconds,
+                       whole_series=resolution.whole_series)
     if outcome.error is not None:
         log.warning("RAD-69: retrieve from the PACS incomplete: %s", outcome.error)
     documents: list[RetrievedDocument] = []

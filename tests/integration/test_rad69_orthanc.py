@@ -412,3 +412,36 @@ def test_dimse_engines_agree_and_report_progress(orthanc: OrthancFixture, small_
     # The built-in engine: one segment file per association, every instance a range of one.
     assert len({r.path for r in outcome_builtin.received.values()}) == 2
     assert files["builtin"] == files["pynetdicom"]
+
+
+def test_whole_series_found_and_fetched_at_series_level(orthanc: OrthancFixture, small_study,  # type: ignore[no-untyped-def]
+                                                        tmp_path: Path) -> None:
+    """Orthanc reports each series' instance count: a request naming all 16 instances is a
+    whole series, one naming 15 is not; the SERIES-level C-GET of the whole series brings the
+    same bytes as the IMAGE-level one (the originals' data sets)."""
+    from gateway.config import PacsConfig
+    from gateway.dicom.retrieve import retrieve
+    from gateway.imaging.plan import resolve
+    from gateway.imaging.request import ImagingDocumentRequest
+
+    docs, originals = small_study
+    pacs = PacsConfig(port=orthanc.dicom_port, timeout_seconds=10)
+    requests = [ImagingDocumentRequest(st, se, "1.3.6.1.4.1.21367.13.80.110", sop)
+                for st, se, sop in docs]
+    assert resolve(pacs, requests[1:]).whole_series == set()
+    resolution = resolve(pacs, requests)
+    assert resolution.whole_series == {(docs[0][0], docs[0][1])}
+    refs = [ref for ref, _d in resolution.found]
+    got: dict[str, dict[str, bytes]] = {}
+    for name, whole in (("series", resolution.whole_series), ("image", set())):
+        outcome = retrieve(pacs, refs, [EXPLICIT_LE], tmp_path / name, associations=3,
+                           timeout=10, whole_series=whole)
+        assert outcome.error is None and not outcome.missing
+        got[name] = {uid: rec.read_bytes() for uid, rec in outcome.received.items()}
+        # The whole series goes over one association (one segment file), the UID lists
+        # over three.
+        assert len({rec.path for rec in outcome.received.values()}) == (
+            1 if name == "series" else 3)
+    assert got["series"] == got["image"]
+    assert {uid: dataset_bytes(data) for uid, data in got["series"].items()} == {
+        uid: dataset_bytes(path) for uid, path in originals.items()}

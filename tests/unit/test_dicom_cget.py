@@ -47,8 +47,10 @@ def recv_pdu(sock: socket.socket) -> tuple[int, bytes]:
     return pdu_type, recv_exact(sock, length)
 
 
-def recv_message(sock: socket.socket) -> tuple[dict[int, bytes], int]:
-    """One DIMSE message's command set (data set skipped) and its context id."""
+def recv_message(sock: socket.socket, data_set: list[bytes] | None = None
+                 ) -> tuple[dict[int, bytes], int]:
+    """One DIMSE message's command set and its context id; its data set's fragments are
+    added to `data_set` when given (skipped otherwise)."""
     cmd = b""
     have_data = None
     while True:
@@ -66,8 +68,11 @@ def recv_message(sock: socket.socket) -> tuple[dict[int, bytes], int]:
                     have_data = command.us(parsed, command.DATA_SET_TYPE) != 0x0101
                     if not have_data:
                         return parsed, cid
-            elif mch & 2:
-                return command.decode(cmd), cid
+            else:
+                if data_set is not None:
+                    data_set.append(data)
+                if mch & 2:
+                    return command.decode(cmd), cid
 
 
 def p_data(cid: int, data: bytes, *, is_command: bool, last: bool) -> bytes:
@@ -238,6 +243,39 @@ def test_pdus_split_anywhere_by_tcp(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         offset += rec.size
     assert got[0].path == got[1].path and got[0].path.stat().st_size == offset
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".idx", ".seg"]
+
+
+def test_a_whole_series_is_fetched_at_series_level(tmp_path: Path) -> None:
+    """A series the request holds in full: one SERIES-level C-GET without a UID list; an
+    instance of it that was not asked for (added to the PACS since the C-FIND) is refused."""
+    identifiers: list[bytes] = []
+    statuses: list[int] = []
+
+    def script(sock: socket.socket) -> None:
+        accept(sock)
+        data: list[bytes] = []
+        rq, _cid = recv_message(sock, data)
+        identifiers.append(b"".join(data))
+        for k, uid in enumerate(["1.2.9.1.1", "1.2.9.1.7", "1.2.9.1.2"]):
+            statuses.append(send_instance(sock, 300 + k, uid))
+        sock.sendall(p_data(1, get_rsp(command.us(rq, command.MESSAGE_ID), 0xB000),
+                            is_command=True, last=True))
+        release(sock)
+
+    got: list[Received] = []
+    with peer(script) as (pacs, errors):
+        failed, error = run_c_get(pacs, REFS, [EXPLICIT_LE], tmp_path, 2,
+                                  lambda u, p, t, s, o: got.append(Received(u, p, t, s, o)),
+                                  whole_series={(STUDY, SERIES)})
+    assert errors == [] and error is None and failed == {}
+    assert len(identifiers) == 1  # one request for the series
+    assert b"SERIES" in identifiers[0] and b"IMAGE" not in identifiers[0]
+    assert b"\x08\x00\x18\x00" not in identifiers[0]  # no SOP Instance UID (0008,0018)
+    assert SERIES.encode() in identifiers[0]
+    assert statuses == [0x0000, 0xA900, 0x0000]
+    assert [r.sop_instance_uid for r in got] == ["1.2.9.1.1", "1.2.9.1.2"]
+    assert [r.read_bytes() for r in got] == [
+        file_meta_header(CT, u, EXPLICIT_LE) + _dataset(u) for u in ("1.2.9.1.1", "1.2.9.1.2")]
 
 
 def test_failed_group_is_retried_instance_by_instance(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ header the built-in C-GET writes, byte for byte as pynetdicom's chunked receive 
 from __future__ import annotations
 
 import io
+import socket
 import struct
 
 import pytest
@@ -155,3 +156,41 @@ def test_file_meta_header_matches_pynetdicom(sop: str, syntax: str) -> None:
     write_file_meta_info(buf, create_file_meta(sop_class_uid=UID(CT), sop_instance_uid=UID(sop),
                                                transfer_syntax=UID(syntax)))
     assert file_meta_header(CT, sop, syntax) == buf.getvalue()
+
+
+class _RecordingSocket(socket.socket):
+    """A TCP socket that records its setsockopt calls (in order, with its receives)."""
+
+    log: list[object]
+
+    def setsockopt(self, *args: object) -> None:  # type: ignore[override]
+        self.log.append(("setsockopt", *args))
+        super().setsockopt(*args)  # type: ignore[arg-type]
+
+    def recv_into(self, *args: object, **kw: object) -> int:  # type: ignore[override]
+        self.log.append("recv")
+        return super().recv_into(*args, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_QUICKACK"), reason="Linux only")
+def test_every_receive_is_acknowledged_at_once() -> None:
+    """TCP_QUICKACK before each receive: a PACS with Nagle's algorithm on must not wait for
+    a delayed acknowledgement of its small first segment (gateway.dicom.ul.link._fill)."""
+    from gateway.dicom.ul.link import Link
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    peer = socket.create_connection(listener.getsockname())
+    raw, _addr = listener.accept()
+    sock = _RecordingSocket(fileno=raw.detach())
+    sock.log = []
+    try:
+        link = Link(sock, "test", 5)
+        peer.sendall(pdu.PDU_HEADER.pack(pdu.P_DATA_TF, 4))
+        assert link.pdu_header() == (pdu.P_DATA_TF, 4)
+        peer.sendall(b"abcd")
+        assert link.read(4) == b"abcd"
+        quickack = ("setsockopt", socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        assert sock.log == [quickack, "recv", quickack, "recv"]
+    finally:
+        for s in (sock, peer, listener):
+            s.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,8 +21,15 @@ PACS = {"1.1": {"1.1.1": ["1.1.1.1", "1.1.1.2"], "1.1.2": ["1.1.2.1"]},
         "2.2": {"2.2.1": ["2.2.1.1"]}}
 
 
-def fake_find(pacs: PacsConfig, level: str, keys: Mapping[str, Any], **_: Any) -> list[Dataset]:
+def fake_find(pacs: PacsConfig, level: str, keys: Mapping[str, Any], **kw: Any) -> list[Dataset]:
+    QUERIES.append((level, tuple(kw.get("without", ()))))
     out = []
+    if level == "STUDY":
+        if STUDY_CLASSES and keys.get("StudyInstanceUID") in PACS:
+            row = build_query("STUDY", {"StudyInstanceUID": keys["StudyInstanceUID"]})
+            row.SOPClassesInStudy = STUDY_CLASSES[0]
+            out.append(row)
+        return out
     want = keys.get("SOPInstanceUID")
     wanted = set(want) if isinstance(want, list) else ({want} if want else None)
     for study, series_map in PACS.items():
@@ -29,16 +37,26 @@ def fake_find(pacs: PacsConfig, level: str, keys: Mapping[str, Any], **_: Any) -
             continue
         for series, sops in series_map.items():
             if level == "SERIES":
-                out.append(build_query("SERIES", {"StudyInstanceUID": study,
-                                                  "SeriesInstanceUID": series}))
+                row = build_query("SERIES", {"StudyInstanceUID": study,
+                                             "SeriesInstanceUID": series})
+                if COUNTS:
+                    row.NumberOfSeriesRelatedInstances = str(len(sops))
+                out.append(row)
                 continue
             for sop in sops:
                 if wanted is None or sop in wanted:
                     ds = build_query("IMAGE", {"StudyInstanceUID": study,
                                                "SeriesInstanceUID": series,
                                                "SOPInstanceUID": sop, "SOPClassUID": CT})
+                    if "SOPClassUID" in kw.get("without", ()):
+                        del ds.SOPClassUID
                     out.append(ds)
     return out
+
+
+COUNTS: list[bool] = []  # non-empty: the fake PACS reports Number of Series Related Instances
+STUDY_CLASSES: list[Any] = []  # non-empty: the fake PACS's SOP Classes in Study, [0]
+QUERIES: list[tuple[str, tuple[str, ...]]] = []  # (level, default keys left out)
 
 
 def doc(study: str, series: str, sop: str) -> ImagingDocumentRequest:
@@ -87,6 +105,87 @@ def test_jobs_split_evenly_and_respect_the_context_limit() -> None:
     for j in jobs:
         assert 1 + 2 * len({r.sop_class_uid for r in j}) <= MAX_CONTEXTS
     assert sum(len(j) for j in jobs) == 100 and len(jobs) == 2
+
+
+@pytest.mark.parametrize("counts", [True, False])
+def test_whole_series_are_those_requested_in_full(counts: bool,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys.modules[__name__], "COUNTS", [True] if counts else [])
+    res = plan.resolve(PacsConfig(), [
+        doc("1.1", "1.1.1", "1.1.1.1"), doc("1.1", "1.1.1", "1.1.1.2"),  # all of 1.1.1
+        doc("1.1", "1.1.2", "1.1.2.1"),  # all of 1.1.2 (one instance)
+        doc("2.2", "2.2.1", "2.2.1.1"),  # all of 2.2.1, another study
+    ])
+    assert len(res.found) == 4 and res.errors == []
+    assert res.whole_series == ({("1.1", "1.1.1"), ("1.1", "1.1.2"), ("2.2", "2.2.1")}
+                                if counts else set())
+    part = plan.resolve(PacsConfig(), [doc("1.1", "1.1.1", "1.1.1.1"),
+                                       doc("1.1", "1.1.2", "1.1.2.1")])
+    assert part.whole_series == ({("1.1", "1.1.2")} if counts else set())
+
+
+@pytest.mark.parametrize("classes, single", [
+    ([CT], True),
+    (CT, True),
+    ([CT, "1.2.840.10008.5.1.4.1.1.4"], False),  # two classes: asked per instance
+    ([], False),
+    (None, False),  # the PACS does not report it
+])
+def test_sop_class_from_the_study_when_it_has_one(classes: Any, single: bool,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """SOP Classes in Study naming exactly one class: the IMAGE-level C-FIND leaves SOP
+    Class UID out and each instance gets the study's class; otherwise it asks for it."""
+    module = sys.modules[__name__]
+    monkeypatch.setattr(module, "STUDY_CLASSES", [] if classes is None else [classes])
+    monkeypatch.setattr(module, "QUERIES", [])
+    res = plan.resolve(PacsConfig(), [doc("1.1", "1.1.1", "1.1.1.1"),
+                                      doc("1.1", "1.1.2", "1.1.2.1")])
+    assert [(r.sop_instance_uid, r.sop_class_uid) for r, _d in res.found] == [
+        ("1.1.1.1", CT), ("1.1.2.1", CT)]
+    assert res.errors == []
+    image = [without for level, without in module.QUERIES if level == "IMAGE"]
+    assert image == [("SOPClassUID",) if single else ()]
+
+
+def test_series_counts_failing_only_lose_the_whole_series(monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    from gateway.dicom.errors import PacsError
+
+    def failing_series(pacs: PacsConfig, level: str, keys: Mapping[str, Any],
+                       **kw: Any) -> list[Dataset]:
+        if level == "SERIES":
+            raise PacsError("failed", "C-FIND failed with status 0xA700")
+        return fake_find(pacs, level, keys, **kw)
+
+    monkeypatch.setattr(plan, "find", failing_series)
+    res = plan.resolve(PacsConfig(), [doc("1.1", "1.1.2", "1.1.2.1")])
+    assert [r.sop_instance_uid for r, _d in res.found] == ["1.1.2.1"]
+    assert res.errors == [] and res.whole_series == set()
+
+
+def test_whole_series_stay_in_one_job() -> None:
+    from gateway.dicom.retrieve import whole_in
+
+    big = [InstanceRef("1", "1.1", f"1.1.{i}", CT) for i in range(6)]
+    small = [InstanceRef("1", "1.2", f"1.2.{i}", CT) for i in range(2)]
+    loose = [InstanceRef("1", "1.3", f"1.3.{i}", CT) for i in range(4)]
+    refs = big + small + loose
+    whole = {("1", "1.1"), ("1", "1.2")}
+    jobs = plan_jobs(refs, ["1.2.840.10008.1.2.1"], 3, whole)
+    assert sorted(r.sop_instance_uid for j in jobs for r in j) == sorted(
+        r.sop_instance_uid for r in refs)
+    homes = {key: [k for k, j in enumerate(jobs) if any(
+        (r.study_uid, r.series_uid) == key for r in j)] for key in whole}
+    assert all(len(h) == 1 for h in homes.values())  # each whole series in one job
+    assert homes[("1", "1.1")] != homes[("1", "1.2")]  # spread over the associations
+    assert sorted(len(j) for j in jobs) == [3, 3, 6]  # the loose ones to the smaller jobs
+    assert [whole_in(j, refs, whole) for j in jobs] == [
+        frozenset(k for k in whole if homes[k] == [n]) for n in range(3)]
+    # A job split by SOP class holds part of a series: not whole there.
+    mixed = [InstanceRef("1", "1.1", f"1.1.{i}", f"1.2.3.{i}") for i in range(100)]
+    parts = plan_jobs(mixed, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"], 1, {("1", "1.1")})
+    assert len(parts) == 2
+    assert [whole_in(p, mixed, {("1", "1.1")}) for p in parts] == [frozenset(), frozenset()]
 
 
 def test_build_query_list_match() -> None:

@@ -188,3 +188,33 @@ def test_a_timed_out_tcp_response_is_reset_not_finished() -> None:
                     assert chunk, "a reset, not an orderly end of the response"
                     got += len(chunk)
             assert got < conn.send_budget.sent
+
+
+def test_accepted_connections_send_without_nagle() -> None:
+    """The worker's accept gives each TCP connection TCP_NODELAY (small writes such as an
+    MTOM part header never wait for a delayed acknowledgement) and parks it guarded."""
+    from types import SimpleNamespace
+
+    from gateway.soap.worker import DeadlineThreadWorker
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    client = socket.create_connection(listener.getsockname())
+    parked: list[DeadlineConn] = []
+    worker = SimpleNamespace(nr_conns=0, cfg=SimpleNamespace(is_ssl=False),
+                             deadlines=Deadlines(), _park=parked.append)
+    try:
+        for _ in range(100):  # the connection may take a moment to be acceptable
+            DeadlineThreadWorker.accept(worker, listener)  # type: ignore[arg-type]
+            if parked:
+                break
+            time.sleep(0.01)
+        assert len(parked) == 1 and worker.nr_conns == 1
+        sock = parked[0].sock
+        assert isinstance(sock, GuardedSocket)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        for conn in parked:
+            conn.sock.close()
+        client.close()
+        listener.close()

@@ -4,7 +4,7 @@
                                     [--retrieve c-get|c-move] [--repeat 2]
                                     [--engine builtin|pynetdicom]
                                     [--response-order root-first|root-last]
-                                    [--cpu] [--profile-client FILE]
+                                    [--cpu] [--profile-client FILE] [--discard]
 
 Builds a synthetic CT study (a 512x512 16-bit image cloned with new UIDs: about 0.5 MB per
 instance, 500 instances = about 256 MB), loads it into a private Orthanc, then times:
@@ -119,6 +119,10 @@ def main() -> None:
                     choices=["root-first", "root-last"],
                     help="[pacs] response_order: root-last streams each instance as it "
                          "arrives (read by SoapClient through `start`)")
+    ap.add_argument("--discard", action="store_true",
+                    help="the client reads the HTTP response and discards it (no MTOM "
+                         "parsing, no files): the gateway's own throughput, without the "
+                         "consumer's cost on these shared cores")
     ap.add_argument("--cpu", action="store_true",
                     help="print the CPU seconds each process spent per run (Orthanc, getscu, "
                          "gunicorn master and workers, retrieve pool, this client)")
@@ -183,22 +187,29 @@ def main() -> None:
                 import cProfile
                 profile = cProfile.Profile()
                 profile.enable()
-            reply = client.call("/xdsi/imaging-source", Action.RAD69, body, spool_dir=spool)
-            t_gw = time.monotonic() - t
+            if args.discard:
+                size_gw, status = _discard(client, body)
+                t_gw = time.monotonic() - t
+            else:
+                reply = client.call("/xdsi/imaging-source", Action.RAD69, body,
+                                    spool_dir=spool)
+                t_gw = time.monotonic() - t
             if profile is not None:
                 profile.disable()
                 profile.dump_stats(args.profile_client)
             client_cpu = time.process_time() - client_cpu
             cpu_gw = meter.stop()
-            assert reply.body is not None
-            resp = parse_retrieve_document_set_response(reply.body)
-            size_gw = sum(p.stat().st_size for p in spool.iterdir())
+            if not args.discard:
+                assert reply.body is not None
+                resp = parse_retrieve_document_set_response(reply.body)
+                size_gw = sum(p.stat().st_size for p in spool.iterdir())
+                status = (f"{resp.status.rsplit(':', 1)[1]} {len(resp.documents)} "
+                          "documents")
             shutil.rmtree(spool)
             print(f"run {run + 1}: getscu {len(got)} files {size_getscu / 1e6:.0f} MB in "
                   f"{t_getscu:.2f} s ({size_getscu / 1e6 / t_getscu:.0f} MB/s); gateway "
-                  f"{resp.status.rsplit(':', 1)[1]} {len(resp.documents)} documents "
-                  f"{size_gw / 1e6:.0f} MB in {t_gw:.2f} s ({size_gw / 1e6 / t_gw:.0f} MB/s); "
-                  f"ratio {t_getscu / t_gw:.2f}")
+                  f"{status} {size_gw / 1e6:.0f} MB in {t_gw:.2f} s "
+                  f"({size_gw / 1e6 / t_gw:.0f} MB/s); ratio {t_getscu / t_gw:.2f}")
             if args.cpu:
                 print(f"  cpu s, getscu run: orthanc {sum(cpu_getscu.values()):.2f}, "
                       f"getscu {getscu_cpu:.2f}")
@@ -214,6 +225,22 @@ def main() -> None:
             gateway.stop()
         orthanc.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _discard(client: SoapClient, body: object) -> tuple[int, str]:
+    """POST the RAD-69 and read its HTTP body into nothing: (bytes read, a status line)."""
+    resp = client._post("/xdsi/imaging-source", Action.RAD69, body, (), False, ())  # type: ignore[arg-type]
+    try:
+        buf = bytearray(1 << 20)
+        total = 0
+        while True:
+            n = resp.raw.readinto(buf)
+            if not n:
+                break
+            total += n
+    finally:
+        resp.close()
+    return total, f"HTTP {resp.status_code} (discarded)"
 
 
 def _cpu_line(labels: dict[int, str], cpu: dict[int, float], client: float) -> str:

@@ -7,6 +7,7 @@ middle of a data set) answered with PacsError in bounded time and no partial fil
 from __future__ import annotations
 
 import contextlib
+import shutil
 import socket
 import struct
 import threading
@@ -461,3 +462,35 @@ def test_a_refused_scp_role_fails_its_instances_without_a_c_get(tmp_path: Path,
     else:
         assert got == [] and list(failed) == ["1.2.9.1.1"]
         assert "refused the SCP role" in failed["1.2.9.1.1"]
+
+
+def test_a_removed_spool_folder_ends_the_association(tmp_path: Path) -> None:
+    """The response is gone and its spool folder removed while the C-GET runs: the next
+    instance ends the association (no fetching the rest into an unlinked file)."""
+    removed = threading.Event()
+    statuses: list[int] = []
+    spool = tmp_path / "spool"
+    spool.mkdir()
+
+    def script(sock: socket.socket) -> None:
+        accept(sock)
+        recv_message(sock)
+        statuses.append(send_instance(sock, 1, "1.2.9.1.1"))
+        removed.wait(5)
+        with contextlib.suppress(OSError):
+            send_instance(sock, 2, "1.2.9.1.2")
+            statuses.append(-1)  # answered: the association went on
+
+    got: list[str] = []
+
+    def on_stored(uid: str, path: Path, _ts: str, _size: int, _offset: int) -> None:
+        got.append(uid)
+        shutil.rmtree(spool)
+        removed.set()
+
+    with peer(script) as (pacs, errors):
+        _failed, error = run_c_get(pacs, REFS, [EXPLICIT_LE], spool, 5, on_stored)
+    assert errors == []
+    assert got == ["1.2.9.1.1"] and statuses == [0x0000]
+    assert error is not None and error.kind == "aborted"
+    assert not spool.exists()

@@ -101,6 +101,10 @@ class PacsConfig:
     response_order: str = "root-first"
     # C-GET receive path: "builtin" (gateway.dicom.cget, no DUL thread) or "pynetdicom"
     dimse_engine: str = "builtin"
+    # A series the request names in full is fetched with one SERIES-level C-GET over one
+    # association (built-in C-GET engine; gateway.imaging.plan); false: IMAGE-level UID lists
+    # spread over all `associations`, every instance looked up first.
+    series_level_retrieve: bool = True
 
 
 @dataclass(frozen=True)

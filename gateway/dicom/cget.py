@@ -208,8 +208,9 @@ class CGetSession:
         store, self._store = self._store, None
         if store is not None and store.fd is not None:
             with contextlib.suppress(OSError):
-                os.ftruncate(store.fd, self._end)
                 os.lseek(store.fd, self._end, os.SEEK_SET)
+            with contextlib.suppress(OSError):
+                os.ftruncate(store.fd, self._end)
 
     def close(self) -> None:
         """Close the segment and index files (they stay in the spool folder, except a
@@ -335,14 +336,19 @@ def _get_group(session: CGetSession, study: str, series: str, uids: list[str],
                failed: dict[str, str], whole: bool = False) -> None:
     """One C-GET for instances of one series (SERIES level when `whole`); a failure status
     for the whole group is retried instance by instance (one instance the PACS cannot
-    convert fails the group)."""
+    convert fails the group). Not after a SERIES-level C-GET: its instances may not have
+    been looked up (gateway.imaging.plan), and the caller retries them at IMAGE level once
+    they have been (gateway.imaging.rad69)."""
     try:
         _check_final(session.get(study, series, uids, whole))
     except PacsError as exc:
         if exc.kind != "failed":
             raise
         rest = [u for u in uids if u not in session.stored]
-        if len(uids) > 1 and len(rest) <= 64:
+        if whole:
+            for uid in rest:
+                failed[uid] = f"SERIES-level {exc.message}"
+        elif len(uids) > 1 and len(rest) <= 64:
             for uid in rest:
                 _get_group(session, study, series, [uid], failed)
         else:

@@ -46,26 +46,26 @@ import queue
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 from pydicom.uid import AllTransferSyntaxes
 
-from gateway.config import ROOT_FIRST, ROOT_LAST
+from gateway.config import ROOT_FIRST, ROOT_LAST, PacsConfig
 from gateway.dicom.errors import PacsError
 from gateway.ebrim.model import RetrievedDocument
 from gateway.ebrim.render import render_retrieve_document_set_response
 from gateway.errors import XdsError, XdsFailure, status_for
-from gateway.imaging.plan import Resolution, resolve
+from gateway.imaging.plan import Resolution, explain, resolve
 from gateway.imaging.request import ImagingDocumentRequest, ImagingRequest, Wado, parse_request
 from gateway.ns import ErrorCode, ResponseStatus
 from gateway.services import Services
 from gateway.transactions import Attachment, LiveAttachments, RequestContext, SoapResponse
 
 if TYPE_CHECKING:
-    from gateway.dicom.retrieve import Received, RetrieveOutcome
+    from gateway.dicom.retrieve import InstanceRef, Received, RetrieveOutcome
 
 log = logging.getLogger(__name__)
 
@@ -212,8 +212,9 @@ class LiveRetrieve:
                  syntaxes: tuple[str, ...], spool: Path, errors: list[XdsError]):
         pacs = services.config.pacs
         self._pacs = pacs
+        self._resolution = resolution
         self._found = list(resolution.found)
-        self._whole_series = set(resolution.whole_series)
+        self._explained: dict[str | None, list[XdsError]] = {}
         self._by_uid = {ref.sop_instance_uid: doc for ref, doc in self._found}
         self._syntaxes = syntaxes
         self._spool = spool
@@ -233,17 +234,10 @@ class LiveRetrieve:
         self._thread.start()
 
     def _run(self) -> None:
-        from gateway.dicom.retrieve import retrieve
-
         try:
-            self._outcome = retrieve(
-                self._pacs, [ref for ref, _doc in self._found], self._syntaxes, self._spool,
-                method=self._pacs.retrieve, associations=self._pacs.associations,
-                timeout=self._pacs.timeout_seconds, on_received=self._queue.put,
-                whole_series=self._whole_series)
-            if self._outcome.error is not None:
-                log.warning("RAD-69: retrieve from the PACS incomplete: %s",
-                            self._outcome.error)
+            self._outcome, self._explained = gather(self._pacs, self._resolution,
+                                                    self._syntaxes, self._spool,
+                                                    on_received=self._queue.put)
         except Exception as exc:
             log.warning("RAD-69: retrieve from the PACS failed: %s", type(exc).__name__)
             log.debug("retrieve failure", exc_info=True)
@@ -299,13 +293,12 @@ class LiveRetrieve:
         """The root: status, errors (those known before the retrieve first), and one
         DocumentResponse per part sent, in the order of the parts."""
         errors = list(self._errors)
-        outcome = self._outcome
-        for ref, doc in self._found:
-            uid = ref.sop_instance_uid
-            if uid in self._seen and uid not in self._wrong_syntax:
-                continue
-            errors.append(_retrieve_error(doc, self._wrong_syntax.get(uid), self._failure,
-                                          outcome, self._syntaxes))
+        missing = [(doc, self._wrong_syntax.get(ref.sop_instance_uid))
+                   for ref, doc in self._found
+                   if ref.sop_instance_uid not in self._seen
+                   or ref.sop_instance_uid in self._wrong_syntax]
+        errors.extend(missing_errors(missing, self._explained, self._failure, self._outcome,
+                                     self._syntaxes))
         documents = self._sent
         status = status_for(errors, partial_possible=True, any_success=bool(documents))
         content_ids = {id(d): f"doc{i}@{CONTENT_ID_DOMAIN}" for i, d in enumerate(documents)}
@@ -317,9 +310,10 @@ class LiveRetrieve:
     def close(self) -> None:
         """The response has ended (or the client went away). A retrieve that has ended is
         joined; one still running is not waited for beyond a second (the web server's thread
-        is freed): the edge then removes the spool folder, which makes the retrieve's next
-        file fail and its associations end, and the thread removes the folder again when the
-        retrieve has returned, in case something was still placed in it."""
+        is freed): the edge then removes the spool folder, which ends each association at its
+        next instance (its segment file is gone: gateway.dicom.cget), and the thread removes
+        the folder again when the retrieve has returned, in case something was still placed
+        in it."""
         self._abandoned.set()
         self._thread.join(CLOSE_WAIT_SECONDS)
         if self._thread.is_alive():
@@ -350,17 +344,10 @@ def _retrieve_error(doc: ImagingDocumentRequest, wrong_syntax: str | None,
 
 def fetch(services: Services, resolution: Resolution, syntaxes: tuple[str, ...],
           spool: Path) -> tuple[list[RetrievedDocument], list[XdsError]]:
-    from gateway.dicom.retrieve import retrieve
-
     pacs = services.config.pacs
-    refs = [ref for ref, _doc in resolution.found]
-    outcome = retrieve(pacs, refs, syntaxes, spool, method=pacs.retrieve,
-                       associations=pacs.associations, timeout=pacs.timeout_seconds,
-                       whole_series=resolution.whole_series)
-    if outcome.error is not None:
-        log.warning("RAD-69: retrieve from the PACS incomplete: %s", outcome.error)
+    outcome, explained = gather(pacs, resolution, syntaxes, spool)
     documents: list[RetrievedDocument] = []
-    errors: list[XdsError] = []
+    missing: list[tuple[ImagingDocumentRequest, str | None]] = []
     for ref, doc in resolution.found:
         got = outcome.received.get(ref.sop_instance_uid)
         if got is not None and got.transfer_syntax in syntaxes:
@@ -372,6 +359,66 @@ def fetch(services: Services, resolution: Resolution, syntaxes: tuple[str, ...],
             continue
         if got is not None and got.offset is None:  # a segment goes with the folder
             got.path.unlink(missing_ok=True)
-        errors.append(_retrieve_error(doc, got.transfer_syntax if got is not None else None,
-                                      None, outcome, syntaxes))
-    return documents, errors
+        missing.append((doc, got.transfer_syntax if got is not None else None))
+    return documents, missing_errors(missing, explained, None, outcome, syntaxes)
+
+
+def gather(pacs: PacsConfig, resolution: Resolution, syntaxes: tuple[str, ...], spool: Path,
+           *, on_received: Callable[[Received], None] | None = None
+           ) -> tuple[RetrieveOutcome, dict[str | None, list[XdsError]]]:
+    """Retrieve what `resolution` found into `spool` (`on_received` as for
+    gateway.dicom.retrieve.retrieve). Documents taken without looking them up (a whole series,
+    gateway.imaging.plan) that did not come while the PACS answered normally (the PACS refused
+    the SERIES-level C-GET, an instance of a SOP class it did not list, a wrong identifier) are
+    then looked up one by one: those where the request says are fetched again at IMAGE level,
+    the others get the errors of their identifiers (second item, by SOP Instance UID)."""
+    from gateway.dicom.retrieve import retrieve
+
+    def fetch_refs(refs: list[InstanceRef], whole: set[tuple[str, str]]) -> RetrieveOutcome:
+        outcome = retrieve(pacs, refs, syntaxes, spool, method=pacs.retrieve,
+                           associations=pacs.associations, timeout=pacs.timeout_seconds,
+                           on_received=on_received, whole_series=whole)
+        if outcome.error is not None:
+            log.warning("RAD-69: retrieve from the PACS incomplete: %s", outcome.error)
+        return outcome
+
+    outcome = fetch_refs([ref for ref, _doc in resolution.found], resolution.whole_series)
+    explained: dict[str | None, list[XdsError]] = {}
+    lost = [doc for ref, doc in resolution.found
+            if ref.sop_instance_uid in resolution.unverified
+            and ref.sop_instance_uid not in outcome.received]
+    if not lost or outcome.error is not None:  # a failing PACS is not asked any more
+        return outcome, explained
+    log.info("RAD-69: %d instance(s) of whole series did not come; looking them up", len(lost))
+    try:
+        check = explain(pacs, lost)
+    except PacsError as exc:
+        log.warning("RAD-69: could not look up instances that did not come: %s", exc)
+        return outcome, explained
+    for err in check.errors:
+        explained.setdefault(err.location, []).append(err)
+    if check.found:
+        again = fetch_refs([ref for ref, _doc in check.found], set())
+        outcome.received.update(again.received)
+        for uid in again.received:
+            outcome.missing.pop(uid, None)
+        outcome.missing.update(again.missing)
+        outcome.error = outcome.error or again.error
+    return outcome, explained
+
+
+def missing_errors(missing: list[tuple[ImagingDocumentRequest, str | None]],
+                   explained: dict[str | None, list[XdsError]], failure: str | None,
+                   outcome: RetrieveOutcome | None, syntaxes: tuple[str, ...]
+                   ) -> list[XdsError]:
+    """The errors of resolved documents that are not returned ((document, the transfer
+    syntax it came in when that was not a requested one)): those `gather` looked up and
+    found wrong get the errors of their identifiers, the others the retrieve's."""
+    errors: list[XdsError] = []
+    for doc, wrong in missing:
+        why = explained.get(doc.document_unique_id) if wrong is None else None
+        if why:
+            errors.extend(why)
+        else:
+            errors.append(_retrieve_error(doc, wrong, failure, outcome, syntaxes))
+    return errors

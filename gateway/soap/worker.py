@@ -42,6 +42,7 @@ the `Deadlines` of the configuration.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -204,7 +205,8 @@ def nodelay(sock: socket.socket) -> None:
     response, the closing boundary, each then waiting up to the client's delayed
     acknowledgement (40 ms on Linux)."""
     if sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with contextlib.suppress(OSError):  # best effort (a peer that has already reset)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def abort(sock: socket.socket) -> None:

@@ -6,6 +6,7 @@ trust."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,7 +95,7 @@ def test_retrieve_over_tls(method: str, tls_pacs: TlsPacs, tmp_path: Path) -> No
     assert not outcome.missing
     assert set(outcome.received) == {r.sop_instance_uid for r in refs}
     for ref in refs:
-        got = pydicom.dcmread(outcome.received[ref.sop_instance_uid].path)
+        got = pydicom.dcmread(io.BytesIO(outcome.received[ref.sop_instance_uid].read_bytes()))
         assert str(got.SOPInstanceUID) == ref.sop_instance_uid
 
 

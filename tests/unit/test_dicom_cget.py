@@ -494,3 +494,28 @@ def test_a_removed_spool_folder_ends_the_association(tmp_path: Path) -> None:
     assert got == ["1.2.9.1.1"] and statuses == [0x0000]
     assert error is not None and error.kind == "aborted"
     assert not spool.exists()
+
+
+def test_a_failed_series_level_c_get_is_not_retried_here(tmp_path: Path) -> None:
+    """A SERIES-level C-GET that ends in a failure: what did not come is failed with a
+    reason naming the level, without IMAGE-level requests on this association (its instances
+    may not have been looked up: gateway.imaging.rad69.gather does that, then retries)."""
+    requests: list[int] = []
+
+    def script(sock: socket.socket) -> None:
+        accept(sock)
+        rq, _ = recv_message(sock)
+        requests.append(1)
+        send_instance(sock, 1, "1.2.9.1.1")
+        sock.sendall(p_data(1, get_rsp(command.us(rq, command.MESSAGE_ID), 0xC000),
+                            is_command=True, last=True))
+        release(sock)
+
+    got: list[str] = []
+    with peer(script) as (pacs, errors):
+        failed, error = run_c_get(pacs, REFS, [EXPLICIT_LE], tmp_path, 5,
+                                  lambda u, *_a: got.append(u),
+                                  whole_series={(STUDY, SERIES)})
+    assert errors == [] and error is None and requests == [1]
+    assert got == ["1.2.9.1.1"]
+    assert failed == {"1.2.9.1.2": "SERIES-level C-GET failed with status 0xC000"}

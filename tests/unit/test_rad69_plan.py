@@ -138,6 +138,7 @@ def test_sop_class_from_the_study_when_it_has_one(classes: Any, single: bool,
     module = sys.modules[__name__]
     monkeypatch.setattr(module, "STUDY_CLASSES", [] if classes is None else [classes])
     monkeypatch.setattr(module, "QUERIES", [])
+    monkeypatch.setattr(plan, "STUDY_QUERIES_MIN", 2)
     res = plan.resolve(PacsConfig(), [doc("1.1", "1.1.1", "1.1.1.1"),
                                       doc("1.1", "1.1.2", "1.1.2.1")])
     assert [(r.sop_instance_uid, r.sop_class_uid) for r, _d in res.found] == [
@@ -145,6 +146,57 @@ def test_sop_class_from_the_study_when_it_has_one(classes: Any, single: bool,
     assert res.errors == []
     image = [without for level, without in module.QUERIES if level == "IMAGE"]
     assert image == [("SOPClassUID",) if single else ()]
+
+
+def test_few_instances_are_looked_up_without_the_study_query(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    module = sys.modules[__name__]
+    monkeypatch.setattr(module, "STUDY_CLASSES", [CT])
+    monkeypatch.setattr(module, "QUERIES", [])
+    plan.resolve(PacsConfig(), [doc("1.1", "1.1.1", "1.1.1.1")])
+    assert [level for level, _w in module.QUERIES] == ["SERIES", "IMAGE"]
+    module.QUERIES.clear()
+    plan.resolve(PacsConfig(retrieve="c-move"), [doc("1.1", "1.1.1", "1.1.1.1")])
+    assert [level for level, _w in module.QUERIES] == ["IMAGE"]  # no series-level fetch
+
+
+@pytest.mark.parametrize("config", [
+    PacsConfig(), PacsConfig(series_level_retrieve=False), PacsConfig(retrieve="c-move"),
+    PacsConfig(dimse_engine="pynetdicom")])
+def test_whole_series_of_one_class_are_taken_without_lookup(
+        config: PacsConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A study of one SOP class whose series the request names in full: no IMAGE-level
+    C-FIND, the instances are found unverified (the SERIES-level C-GET checks them), with the
+    study's class; even a wrong UID counted in (here 2.2.1.1 claimed in 1.1.1, with the
+    right number of instances). Only with the built-in C-GET engine and series_level_retrieve."""
+    module = sys.modules[__name__]
+    monkeypatch.setattr(module, "STUDY_CLASSES", [CT])
+    monkeypatch.setattr(module, "COUNTS", [True])
+    monkeypatch.setattr(module, "QUERIES", [])
+    monkeypatch.setattr(plan, "STUDY_QUERIES_MIN", 1)
+    docs = [doc("1.1", "1.1.1", "1.1.1.1"), doc("1.1", "1.1.1", "2.2.1.1"),
+            doc("1.1", "1.1.2", "1.1.2.1")]
+    res = plan.resolve(config, docs)
+    fast = (config.series_level_retrieve and config.retrieve == "c-get"
+            and config.dimse_engine == "builtin")
+    if fast:
+        assert [level for level, _w in module.QUERIES] == ["STUDY", "SERIES"]
+        assert [(r.sop_instance_uid, r.sop_class_uid) for r, _d in res.found] == [
+            ("1.1.1.1", CT), ("2.2.1.1", CT), ("1.1.2.1", CT)]
+        assert res.unverified == {"1.1.1.1", "2.2.1.1", "1.1.2.1"}
+        assert res.whole_series == {("1.1", "1.1.1"), ("1.1", "1.1.2")}
+        assert res.errors == []
+        # What explain() says of the wrong one, once it has not come:
+        later = plan.explain(config, [docs[1]])
+        assert later.found == [] and [e.code for e in later.errors] == [
+            Wado.INCONSISTENT, "XDSMissingDocument"]
+    else:
+        # No series counts: the study's classes, the instances, then (for the stray one)
+        # which series exist and where the instance is.
+        assert [level for level, _w in module.QUERIES] == ["STUDY", "IMAGE", "SERIES", "IMAGE"]
+        assert res.unverified == set() and res.whole_series == set()
+        assert [r.sop_instance_uid for r, _d in res.found] == ["1.1.1.1", "1.1.2.1"]
+        assert codes_for(res, "2.2.1.1") == [Wado.INCONSISTENT, "XDSMissingDocument"]
 
 
 def test_series_counts_failing_only_lose_the_whole_series(monkeypatch: pytest.MonkeyPatch

@@ -51,7 +51,7 @@ def test_spooled_reads_the_segment_indexes_of_unfinished_jobs(tmp_path: Path) ->
     (tmp_path / "a.idx").write_text(f"1.1.1.1 0 100 {ExplicitVRLittleEndian}\n"
                                     f"1.1.1.2 100 150 {ExplicitVRLittleEndian}\n"
                                     f"9.9.9 250 50 {ExplicitVRLittleEndian}\n"  # not ours
-                                    "1.1.1.3 250")  # a line cut short
+                                    "1.1.1.3 250 50 1.2.840.10")  # still being written
     finished = _JobResult(received=[Received("1.1.1.1", tmp_path / "a.seg",
                                              ExplicitVRLittleEndian, 100, 0)])
     out = _spooled([job], tmp_path, [finished])

@@ -156,3 +156,26 @@ def test_resolve_queries_long_uid_lists_in_several_c_finds(
     assert len(queries) == 2 and sorted(u for q in queries for u in q) == sorted(uids)
     assert resolution.errors == []
     assert [ref.sop_instance_uid for ref, _d in resolution.found] == uids
+
+
+def test_reports_go_in_batches_and_none_waits_long(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The built-in engine's progress reports: REPORT_BATCH instances per message, and a
+    lone instance is sent by the timer within REPORT_DELAY, not held until the job ends."""
+    import time
+
+    sent: list[list[str]] = []
+    monkeypatch.setattr(retrieve, "_report_many",
+                        lambda _t, recs: sent.append([r.sop_instance_uid for r in recs]))
+    batcher = retrieve._Batcher("token")
+    try:
+        for k in range(retrieve.REPORT_BATCH + 1):
+            batcher.add(Received(f"1.{k}", Path("x.seg"), ExplicitVRLittleEndian, 1, k))
+        assert sent[0] == [f"1.{k}" for k in range(retrieve.REPORT_BATCH)]
+        for _ in range(200):  # the last one goes by the timer
+            if len(sent) == 2:
+                break
+            time.sleep(0.005)
+        assert sent[1:] == [[f"1.{retrieve.REPORT_BATCH}"]]
+    finally:
+        batcher.close()
+    assert sum(len(b) for b in sent) == retrieve.REPORT_BATCH + 1  # each once

@@ -81,6 +81,7 @@ from __future__ import annotations
 import argparse
 import resource
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -159,6 +160,7 @@ def main() -> None:
                             timeout=600)
         body = rad69_request(docs, [EXPLICIT_LE])
 
+        times: list[tuple[float, float]] = []  # (getscu s, gateway s) per run
         for run in range(args.repeat):
             out = work / f"getscu-{run}"
             meter = CpuMeter({orthanc.process.pid: "orthanc"})
@@ -206,6 +208,7 @@ def main() -> None:
                 status = (f"{resp.status.rsplit(':', 1)[1]} {len(resp.documents)} "
                           "documents")
             shutil.rmtree(spool)
+            times.append((t_getscu, t_gw))
             print(f"run {run + 1}: getscu {len(got)} files {size_getscu / 1e6:.0f} MB in "
                   f"{t_getscu:.2f} s ({size_getscu / 1e6 / t_getscu:.0f} MB/s); gateway "
                   f"{status} {size_gw / 1e6:.0f} MB in {t_gw:.2f} s "
@@ -215,6 +218,7 @@ def main() -> None:
                       f"getscu {getscu_cpu:.2f}")
                 print("  cpu s, gateway run: " + _cpu_line(labels, cpu_gw, client_cpu))
         client.close()
+        _summary(times)
         pids = descendants(gateway.process.pid)
         peaks = {pid: vm_hwm_mb(pid) for pid in pids}
         print("gateway peak RSS (VmHWM) per process, MB: "
@@ -225,6 +229,21 @@ def main() -> None:
             gateway.stop()
         orthanc.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _summary(times: list[tuple[float, float]]) -> None:
+    """Medians over the runs, and the ratio of the fastest runs of each (getscu's time swings
+    with delayed-ACK stalls against Orthanc that the gateway's link avoids)."""
+    if not times:
+        return
+    getscu = [g for g, _w in times]
+    gateway = [w for _g, w in times]
+    ratios = [g / w for g, w in times]
+    print(f"summary over {len(times)} runs: getscu median {statistics.median(getscu):.2f} s "
+          f"[{min(getscu):.2f}-{max(getscu):.2f}], gateway median "
+          f"{statistics.median(gateway):.2f} s [{min(gateway):.2f}-{max(gateway):.2f}]; "
+          f"ratio median {statistics.median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}], "
+          f"fastest against fastest {min(getscu) / min(gateway):.2f}")
 
 
 def _discard(client: SoapClient, body: object) -> tuple[int, str]:

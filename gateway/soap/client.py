@@ -46,6 +46,12 @@ from gateway.soap.multipart import (
 from gateway.transactions import Attachment
 
 MAX_ENVELOPE_BYTES = 64 * 1024 * 1024
+# Read size of `call()` for a multipart reply (spooled to files): with 1 MiB reads instead of
+# the parser's 256 KiB the client spent about 0.05 CPU s less on a RAD-69 reply of 263 MB
+# through the gateway (fewer passes through urllib3, http.client and the parser, fewer
+# read/write alternations with the sender on a busy machine). `stream()` keeps the parser's
+# default: its deadline is checked between reads.
+RECEIVE_CHUNK = 1024 * 1024
 
 
 @dataclass
@@ -170,7 +176,7 @@ class SoapClient:
             resp.raw.decode_content = True
             root, attachments = parse_multipart(
                 resp.raw, ctype, spool_dir, max_envelope_bytes=MAX_ENVELOPE_BYTES,
-                max_total_bytes=1 << 40)
+                max_total_bytes=1 << 40, chunk_size=RECEIVE_CHUNK)
         else:
             root = resp.raw.read(MAX_ENVELOPE_BYTES + 1, decode_content=True)
             if len(root) > MAX_ENVELOPE_BYTES:

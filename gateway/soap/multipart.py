@@ -10,6 +10,9 @@ in the receive loop cost more than one later pass over the file from the page ca
 `early_writeback` the kernel is asked to start writing each spooled part to disk while it
 still arrives (Linux), so that the fsync of a document the repository keeps has little left to
 wait for.
+The delimiter search runs over large blocks through the C library's memmem where that is
+glibc's (`_find`), and a block goes to its part's file in one write unless its end may begin a
+delimiter (`_held_back`).
 `iter_multipart` yields the parts one by one as each completes (the root wherever it comes),
 for callers that pass a message on while it arrives; `parse_multipart` collects them.
 `iter_multipart_piped` hands each part that comes after the root over while it arrives,
@@ -28,10 +31,10 @@ from __future__ import annotations
 import binascii
 import hashlib
 import os
-from collections.abc import Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, Protocol
 from urllib.parse import quote, unquote
 
 from gateway.transactions import Attachment
@@ -48,7 +51,54 @@ MIN_PIPED_CHUNK = 64 * 1024
 # cached: only clean pages are dropped).
 WRITEBACK_STEP = 8 * 1024 * 1024
 _FADVISE = getattr(os, "posix_fadvise", None)
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
 _LWSP = b" \t"
+# Searches of at least this many bytes go to the C library's memmem (when there is one).
+MEMMEM_MIN = 16 * 1024
+
+
+def _load_memmem() -> Callable[[bytes, bytes, int], int] | None:
+    """`bytes.find` through the C library's memmem, which finds a delimiter in a large block
+    two to four times faster than CPython's search (measured: 0.032 against 0.016 CPU s for
+    a reply of 263 MB). Only with glibc, whose memmem is linear in the worst case as
+    CPython's search is (a sender picks both the boundary and the data); None elsewhere, or
+    when it does not answer as bytes.find does on a few probes."""
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return None
+        import ctypes
+
+        memmem = ctypes.CDLL(None).memmem
+    except (ImportError, OSError, AttributeError, ValueError):  # pragma: no cover - platform
+        return None
+    memmem.restype = ctypes.c_void_p
+    memmem.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t)
+    cast, void_p, char_p = ctypes.cast, ctypes.c_void_p, ctypes.c_char_p
+
+    def find(buf: bytes, pat: bytes, start: int) -> int:
+        # buf is a bytes object (immutable, alive for the call): c_char_p points at its data,
+        # without a copy.
+        addr = cast(char_p(buf), void_p).value
+        assert addr is not None
+        hit = memmem(addr + start, len(buf) - start, pat, len(pat))
+        return -1 if hit is None else hit - addr
+
+    probe = b"ab\n--x\n--xy-" * 50
+    for pat, start in ((b"\n--xy", 0), (b"\n--xy", 13), (b"\n--xz", 0), (b"b", 590)):
+        if find(probe, pat, start) != probe.find(pat, start):  # pragma: no cover
+            return None
+    return find
+
+
+_MEMMEM = _load_memmem()
+
+
+def _find(buf: bytes, pat: bytes, start: int) -> int:
+    """buf.find(pat, start) for a non-empty `pat`, through memmem for a large bytes `buf`."""
+    if _MEMMEM is not None and type(buf) is bytes and len(buf) - start >= MEMMEM_MIN \
+            and start >= 0:
+        return _MEMMEM(buf, pat, start)
+    return buf.find(pat, start)
 
 
 class MultipartError(ValueError):
@@ -213,12 +263,14 @@ class _MemorySink:
 
 
 class _FileSink:
-    """Writes a part to a new file, unbuffered; with `sha1`, hashes the bytes as it writes;
-    with `writeback`, starts the kernel's writeback of each WRITEBACK_STEP bytes written."""
+    """Writes a part to a new file through its descriptor (no Python file object, no fstat);
+    with `sha1`, hashes the bytes as it writes; with `writeback`, starts the kernel's
+    writeback of each WRITEBACK_STEP bytes written."""
 
     def __init__(self, path: Path, *, sha1: bool = False, writeback: bool = False):
         self.path = path
-        self.file: BinaryIO | None = open(path, "xb", buffering=0)
+        # As open(path, "xb"): created, never an existing file; not inherited.
+        self.fd: int | None = os.open(path, _CREATE_FLAGS, 0o666)
         self.size = 0
         self.digest = hashlib.sha1(usedforsecurity=False) if sha1 else None
         self.flushed: int | None = 0 if writeback and _FADVISE is not None else None
@@ -228,35 +280,36 @@ class _FileSink:
         return None if self.digest is None else self.digest.hexdigest()
 
     def write(self, data: bytes | memoryview) -> None:
-        assert self.file is not None
-        self.size += len(data)
+        assert self.fd is not None
+        size = len(data)
+        self.size += size
         if self.digest is not None:
             self.digest.update(data)
-        view = memoryview(data)
-        while view:
-            written = self.file.write(view)
-            if written is None:  # pragma: no cover - only for non-blocking files
-                continue
-            view = view[written:]
+        written = os.write(self.fd, data)
+        if written < size:  # a short write (rare on a regular file): write the rest
+            view = memoryview(data)[written:]
+            while view:
+                view = view[os.write(self.fd, view):]
         if self.flushed is not None and self.size - self.flushed >= WRITEBACK_STEP:
             self._writeback()
 
     def _writeback(self) -> None:
-        assert self.file is not None and self.flushed is not None and _FADVISE is not None
+        assert self.fd is not None and self.flushed is not None and _FADVISE is not None
         try:
-            _FADVISE(self.file.fileno(), self.flushed, self.size - self.flushed,
-                     os.POSIX_FADV_DONTNEED)
+            _FADVISE(self.fd, self.flushed, self.size - self.flushed, os.POSIX_FADV_DONTNEED)
         except OSError:
             self.flushed = None  # not supported here: never mind, fsync does it all later
         else:
             self.flushed = self.size
 
     def close(self) -> None:
-        if self.file is not None:
-            if self.flushed is not None and self.size > self.flushed:
-                self._writeback()
-            self.file.close()
-            self.file = None
+        if self.fd is not None:
+            try:
+                if self.flushed is not None and self.size > self.flushed:
+                    self._writeback()
+            finally:
+                os.close(self.fd)
+                self.fd = None
 
 
 class _NullSink:
@@ -275,7 +328,11 @@ class _NullSink:
 
 
 class _Base64Sink:
-    """Decodes base64 as it streams and writes the bytes to another sink."""
+    """Decodes base64 as it streams and writes the bytes to another sink.
+
+    Valid base64 decodes the same however it is cut; malformed text (a pad mid-part, stray
+    characters) is decoded leniently per piece, so its outcome depends on where the pieces
+    end: the parser cuts a base64 part's pieces where the reads end (`read_cuts`)."""
 
     _STRIP = b" \t\r\n"
 
@@ -397,13 +454,14 @@ class _Parser:
         return True
 
     def read_part(self, sink: _Sink,
-                  eof_reason: str = "multipart body ends without its closing boundary") -> bool:
+                  eof_reason: str = "multipart body ends without its closing boundary", *,
+                  read_cuts: bool = False) -> bool:
         """Stream bytes up to the next delimiter into `sink`; consume the delimiter line.
 
         Returns True when the delimiter was the closing one ("--boundary--"). The buffer is
         consumed by moving `pos`, never by copying what follows a delimiter.
         """
-        scan = self.scan_part(eof_reason)
+        scan = self.scan_part(eof_reason, read_cuts=read_cuts)
         write = sink.write
         while True:
             try:
@@ -412,19 +470,26 @@ class _Parser:
                 return bool(stop.value)
             write(piece)
 
-    def scan_part(self, eof_reason: str = "multipart body ends without its closing boundary"
-                  ) -> Generator[bytes | memoryview, None, bool]:
+    def scan_part(self, eof_reason: str = "multipart body ends without its closing boundary",
+                  *, read_cuts: bool = False) -> Generator[bytes | memoryview, None, bool]:
         """`read_part` as a generator: yields the part's bytes (views of the buffer, at most
-        about one read block each) and returns True when the delimiter was the closing one."""
+        about one read block each) and returns True when the delimiter was the closing one.
+
+        The bytes are cut where a delimiter might begin at the end of a read (rarely). With
+        `read_cuts` they are cut a delimiter's length before the end of every read instead,
+        as they were before: for base64 parts, whose lenient decoding of malformed text
+        depends on where the pieces end (see `_Base64Sink`)."""
         pat = self.delim
         plen = len(pat)
         rel = 0  # where to search from, relative to pos
         while True:
             buf, pos = self.buf, self.pos
-            idx = buf.find(pat, pos + rel)
+            idx = _find(buf, pat, pos + rel)
             if idx < 0:
-                # Keep back enough to hold a delimiter split across reads, plus its CR.
-                n = len(buf) - plen
+                # Keep back only what may begin a delimiter split across reads (with its
+                # CR): usually nothing, so a block goes out whole and the next read becomes
+                # the buffer as it is.
+                n = len(buf) - plen if read_cuts else _held_back(buf, pos, pat)
                 if n > pos:
                     yield memoryview(buf)[pos:n]
                     self.pos = n
@@ -475,10 +540,12 @@ class _Parser:
                 self.pos = pos + 1
                 return {}
             window = pos + MAX_HEADER_BLOCK + 3
-            ends = [(i, len(sep)) for sep in (b"\n\r\n", b"\n\n")
-                    if (i := buf.find(sep, pos + searched, window)) >= 0]
-            if ends:
-                i, seplen = min(ends)
+            # The first blank line, CRLF or LF: an LF-only one is only looked for before
+            # the first CRLF one (not through the whole window after it).
+            i = buf.find(b"\n\r\n", pos + searched, window)
+            lf = buf.find(b"\n\n", pos + searched, window if i < 0 else i + 1)
+            if lf >= 0 or i >= 0:
+                i, seplen = (lf, 2) if lf >= 0 else (i, 3)
                 if i + 1 - pos > MAX_HEADER_BLOCK:
                     raise MultipartError(
                         f"a MIME part header block exceeds {MAX_HEADER_BLOCK} bytes")
@@ -490,6 +557,22 @@ class _Parser:
             searched = max(0, len(buf) - pos - 3)
             if not self.fill():
                 raise MultipartError("multipart body ends inside a part's headers")
+
+
+def _held_back(buf: bytes, start: int, pat: bytes) -> int:
+    """Where the end of `buf` that may begin a delimiter `pat` ("\\n--boundary", not found in
+    buf) starts, at `start` or later: the first position from which the rest of buf is a
+    proper prefix of pat, one earlier when a CR comes before it (the CR of CRLF belongs to the
+    delimiter), or a lone CR at the end; len(buf) when no delimiter can begin in buf."""
+    n = len(buf)
+    k = buf.find(b"\n", max(start, n - len(pat) + 1))
+    while k >= 0 and not pat.startswith(buf[k:]):
+        k = buf.find(b"\n", k + 1)
+    if k < 0:
+        k = n
+    if k > start and buf[k - 1] == 0x0D:
+        k -= 1
+    return k
 
 
 def _parse_header_block(block: bytes) -> dict[str, str]:
@@ -635,7 +718,7 @@ class PartChunks:
     `MIN_PIPED_CHUNK` bytes (or the part's rest)."""
 
     def __init__(self, parser: _Parser, base64: bool):
-        self._scan = parser.scan_part()
+        self._scan = parser.scan_part(read_cuts=base64)
         self._b64: _Base64Sink | None = None
         self._decoded: _ListSink | None = None
         if base64:
@@ -783,7 +866,7 @@ def _iter_parts(stream: Readable, content_type: str, spool_dir: Path, *,
         if cte == "base64":
             sink = _Base64Sink(sink)
         try:
-            closed = parser.read_part(sink)
+            closed = parser.read_part(sink, read_cuts=cte == "base64")
         finally:
             sink.close()
         if is_root:

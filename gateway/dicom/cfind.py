@@ -39,17 +39,22 @@ def _decode(raw: bytes, transfer_syntax: str) -> Dataset:
     return decode(BytesIO(raw), transfer_syntax == IMPLICIT_LE, True)
 
 
-def _final(cmd: dict[int, bytes], status: int) -> None:
-    if status == 0x0000:
+def _final(cmd: dict[int, bytes], status: int, what: str, ok: frozenset[int]) -> None:
+    if status in ok:
         return
     if status == 0xFE00:
-        raise PacsError("failed", "C-FIND cancelled by the PACS")
+        raise PacsError("failed", f"{what} cancelled by the PACS")
     comment = dimse.ui(cmd, ERROR_COMMENT) if ERROR_COMMENT in cmd else ""
-    raise PacsError("failed", f"C-FIND failed with status 0x{status:04X}"
+    raise PacsError("failed", f"{what} failed with status 0x{status:04X}"
                               + (f": {comment}" if comment else ""))
 
 
-def _receive(link: Link, message_id: int, syntax: str) -> list[Dataset]:
+def receive_responses(link: Link, message_id: int, syntax: str, *, rsp_field: int = C_FIND_RSP,
+                      what: str = "C-FIND", ok: frozenset[int] = frozenset({0x0000}),
+                      keep: bool = True) -> list[Dataset]:
+    """Read the responses to request `message_id` until the final one: the identifiers of
+    the pending ones (decoded when `keep`, else skipped), or PacsError for a final status
+    not in `ok` (its data set, e.g. a C-MOVE's failed instance list, is read and dropped)."""
     results: list[Dataset] = []
     cmd_buf = bytearray()
     data_buf = bytearray()
@@ -60,9 +65,9 @@ def _receive(link: Link, message_id: int, syntax: str) -> list[Dataset]:
         if pdu_type == pdu.A_ABORT:
             why = pdu.describe_abort(link.read(length))
             link.close()
-            raise PacsError("aborted", f"the PACS aborted the association during C-FIND ({why})")
+            raise PacsError("aborted", f"the PACS aborted the association during {what} ({why})")
         if pdu_type != pdu.P_DATA_TF:
-            raise PduError(f"unexpected PDU type 0x{pdu_type:02X} during C-FIND")
+            raise PduError(f"unexpected PDU type 0x{pdu_type:02X} during {what}")
         for _cid, mch, n in link.pdvs(length):
             if mch & 1:
                 if expect_data or len(cmd_buf) + n > dimse.MAX_COMMAND_SET:
@@ -72,15 +77,15 @@ def _receive(link: Link, message_id: int, syntax: str) -> list[Dataset]:
                     continue
                 cmd = dimse.decode(bytes(cmd_buf))
                 cmd_buf.clear()
-                if (dimse.us(cmd, dimse.COMMAND_FIELD) != C_FIND_RSP
+                if (dimse.us(cmd, dimse.COMMAND_FIELD) != rsp_field
                         or dimse.us(cmd, dimse.RESPONDED_TO) != message_id):
-                    raise PduError("unexpected DIMSE message during C-FIND")
+                    raise PduError(f"unexpected DIMSE message during {what}")
                 status = dimse.us(cmd, dimse.STATUS)
                 expect_data = dimse.us(cmd, dimse.DATA_SET_TYPE) != dimse.NO_DATA_SET
                 if status not in PENDING:
                     final = (cmd, status)
                     if not expect_data:
-                        _final(cmd, status)
+                        _final(cmd, status, what, ok)
                         return results
             else:
                 if not expect_data or len(data_buf) + n > MAX_IDENTIFIER:
@@ -90,9 +95,10 @@ def _receive(link: Link, message_id: int, syntax: str) -> list[Dataset]:
                     continue
                 expect_data = False
                 if final is not None:
-                    _final(*final)
+                    _final(*final, what, ok)
                     return results
-                results.append(_decode(bytes(data_buf), syntax))
+                if keep:
+                    results.append(_decode(bytes(data_buf), syntax))
                 data_buf.clear()
 
 
@@ -109,7 +115,7 @@ def run_c_find(pacs: PacsConfig, query: Dataset, timeout: float) -> list[Dataset
                                dimse.COMMAND_FIELD: C_FIND_RQ, dimse.MESSAGE_ID: 1,
                                dimse.PRIORITY: 0, dimse.DATA_SET_TYPE: 0x0000})
             link.send_message(1, rq, _encode(query, syntax))
-            return _receive(link, 1, syntax)
+            return receive_responses(link, 1, syntax)
     finally:
         if not link.closed:
             link.release()

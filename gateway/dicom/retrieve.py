@@ -400,27 +400,16 @@ def _run_move(pacs: PacsConfig, job: _Job) -> _JobResult:
     result = _JobResult()
     storescp.ensure_running(pacs, job.timeout)
     with storescp.expect(pacs, spool, [i.sop_instance_uid for i in job.instances]):
-        try:
-            assoc = associate(pacs, [build_context(MOVE_MODEL)], job.timeout)
-            try:
-                for (study, series), uids in _by_series(job.instances):
-                    last = None
-                    for status, _ident in assoc.send_c_move(
-                            _identifier(study, series, uids), pacs.move_destination_ae_title,
-                            MOVE_MODEL):
-                        last = status
-                    try:
-                        _check_final(last, "C-MOVE", assoc)
-                    except PacsError as exc:
-                        if exc.kind != "failed":
-                            raise
-                        for uid in uids:
-                            result.failed[uid] = exc.message
-            finally:
-                if assoc.is_established:
-                    assoc.release()
-        except PacsError as exc:
-            result.error = (exc.kind, exc.message)
+        if getattr(pacs, "dimse_engine", "builtin") == "builtin":
+            from gateway.dicom.cmove import run_c_move
+
+            failed, error = run_c_move(pacs, job.instances, job.timeout,
+                                       deadline=time.monotonic() + _overall(job.timeout))
+            result.failed.update(failed)
+            if error is not None:
+                result.error = (error.kind, error.message)
+        else:
+            _move_pynetdicom(pacs, job, result)
     for i in job.instances:
         path = spool / f"{_safe_name(i.sop_instance_uid)}.dcm"
         if path.is_file():
@@ -428,6 +417,30 @@ def _run_move(pacs: PacsConfig, job: _Job) -> _JobResult:
                                             storescp.transfer_syntax_of(path),
                                             path.stat().st_size))
     return result
+
+
+def _move_pynetdicom(pacs: PacsConfig, job: _Job, result: _JobResult) -> None:
+    try:
+        assoc = associate(pacs, [build_context(MOVE_MODEL)], job.timeout)
+        try:
+            for (study, series), uids in _by_series(job.instances):
+                last = None
+                for status, _ident in assoc.send_c_move(
+                        _identifier(study, series, uids), pacs.move_destination_ae_title,
+                        MOVE_MODEL):
+                    last = status
+                try:
+                    _check_final(last, "C-MOVE", assoc)
+                except PacsError as exc:
+                    if exc.kind != "failed":
+                        raise
+                    for uid in uids:
+                        result.failed[uid] = exc.message
+        finally:
+            if assoc.is_established:
+                assoc.release()
+    except PacsError as exc:
+        result.error = (exc.kind, exc.message)
 
 
 def _run_job(pacs: PacsConfig, job: _Job) -> _JobResult:

@@ -88,7 +88,8 @@ def call(gateway: LiveGateway, body: etree._Element, spool: Path):
 @pytest.mark.parametrize(("method", "engine"), [
     pytest.param("c-get", None, id="c-get-builtin"),  # None: the default engine, builtin
     pytest.param("c-get", "pynetdicom", id="c-get-pynetdicom"),
-    pytest.param("c-move", None, id="c-move")])
+    pytest.param("c-move", None, id="c-move"),  # the built-in storage SCP
+    pytest.param("c-move", "pynetdicom", id="c-move-pynetdicom")])
 def test_byte_exact_against_getscu(method: str, engine: str | None,
                                    gateway_for: GatewayFactory, orthanc: OrthancFixture,
                                    tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """DIMSE command sets (PS3.7 section 9.3, group 0000, always implicit VR little endian):
-encoding the C-GET-RQ and C-STORE-RSP an SCU sends and decoding the C-STORE-RQ and C-GET-RSP
-it receives. Pure and small: a command set is a few elements, so a dict of element number ->
-raw value is all a receive loop needs."""
+encoding the C-GET-RQ, C-MOVE-RQ and C-STORE-RSP an SCU sends and decoding the C-STORE-RQ,
+C-GET-RSP and C-MOVE-RSP it receives (and the C-ECHO-RSP of the C-MOVE storage SCP). Pure
+and small: a command set is a few elements, so a dict of element number -> raw value is all
+a receive loop needs."""
 
 from __future__ import annotations
 
@@ -20,12 +21,18 @@ PRIORITY = 0x0700
 DATA_SET_TYPE = 0x0800
 STATUS = 0x0900
 AFFECTED_SOP_INSTANCE = 0x1000
+MOVE_DESTINATION = 0x0600
 
 C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
 C_GET_RQ = 0x0010
 C_GET_RSP = 0x8010
+C_MOVE_RQ = 0x0021
+C_MOVE_RSP = 0x8021
+C_ECHO_RQ = 0x0030
+C_ECHO_RSP = 0x8030
 NO_DATA_SET = 0x0101
+VERIFICATION = "1.2.840.10008.1.1"  # the Verification SOP class (C-ECHO)
 
 _US = frozenset({COMMAND_FIELD, MESSAGE_ID, RESPONDED_TO, PRIORITY, DATA_SET_TYPE, STATUS,
                  0x1020, 0x1021, 0x1022, 0x1023})
@@ -37,7 +44,8 @@ def _value(element: int, value: int | str) -> bytes:
     if element in _US:
         return struct.pack("<H", int(value))
     raw = str(value).encode("ascii")
-    return raw + b"\x00" if len(raw) % 2 else raw
+    pad = b" " if element == MOVE_DESTINATION else b"\x00"  # AE pads with a space, UI NUL
+    return raw + pad if len(raw) % 2 else raw
 
 
 def encode(elements: Mapping[int, int | str]) -> bytes:
@@ -86,7 +94,18 @@ def c_get_rq(message_id: int, sop_class: str) -> bytes:
                    MESSAGE_ID: message_id, PRIORITY: 0, DATA_SET_TYPE: 0x0000})
 
 
+def c_move_rq(message_id: int, sop_class: str, destination: str) -> bytes:
+    return encode({AFFECTED_SOP_CLASS: sop_class, COMMAND_FIELD: C_MOVE_RQ,
+                   MESSAGE_ID: message_id, MOVE_DESTINATION: destination, PRIORITY: 0,
+                   DATA_SET_TYPE: 0x0000})
+
+
 def c_store_rsp(responded_to: int, sop_class: str, sop_instance: str, status: int) -> bytes:
     return encode({AFFECTED_SOP_CLASS: sop_class, COMMAND_FIELD: C_STORE_RSP,
                    RESPONDED_TO: responded_to, DATA_SET_TYPE: NO_DATA_SET, STATUS: status,
                    AFFECTED_SOP_INSTANCE: sop_instance})
+
+
+def c_echo_rsp(responded_to: int, status: int = 0x0000) -> bytes:
+    return encode({AFFECTED_SOP_CLASS: VERIFICATION, COMMAND_FIELD: C_ECHO_RSP,
+                   RESPONDED_TO: responded_to, DATA_SET_TYPE: NO_DATA_SET, STATUS: status})

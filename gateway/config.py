@@ -99,10 +99,11 @@ class PacsConfig:
     # from the PACS, the root part last and named by `start`; clients that take the first
     # part as the envelope, zeep among them, cannot read it). gateway.imaging.rad69.
     response_order: str = "root-first"
-    # C-GET receive path: "builtin" (gateway.dicom.cget, no DUL thread) or "pynetdicom"
+    # DICOM upper layer: "builtin" (gateway.dicom.ul, cget, cfind, cmove, scp: no DUL thread)
+    # or "pynetdicom"
     dimse_engine: str = "builtin"
-    # A series the request names in full is fetched with one SERIES-level C-GET over one
-    # association (built-in C-GET engine; gateway.imaging.plan); false: IMAGE-level UID lists
+    # A series the request names in full is fetched with one SERIES-level request over one
+    # association (built-in engine, C-GET or C-MOVE; gateway.imaging.plan); false: UID lists
     # spread over all `associations`, every instance looked up first.
     series_level_retrieve: bool = True
 

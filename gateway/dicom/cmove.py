@@ -1,12 +1,13 @@
 """The built-in C-MOVE SCU (`[pacs] dimse_engine = "builtin"`): one association with the
 Study Root Q/R Move model, one C-MOVE-RQ per series (IMAGE level, the SOP Instance UIDs cut
-into lists that fit one identifier), each answered by pending responses and a final one. The
+into lists that fit one identifier; SERIES level for a series requested whole, see
+gateway.imaging.plan), each answered by pending responses and a final one. The
 instances themselves reach the gateway's storage SCP (gateway.dicom.storescp) on other
 associations the PACS opens; this module only asks and reads the statuses."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING
 
 from pydicom import Dataset
@@ -28,14 +29,16 @@ MOVE_MODEL = "1.2.840.10008.5.1.4.1.2.2.2"  # Study Root Q/R Information Model -
 MOVE_OK = frozenset({0x0000, 0xB000})
 
 
-def _identifier(study: str, series: str, uids: Sequence[str], transfer_syntax: str) -> bytes:
+def _identifier(study: str, series: str, uids: Sequence[str], transfer_syntax: str,
+                whole: bool = False) -> bytes:
     from pynetdicom.dsutils import encode
 
     ds = Dataset()
-    ds.QueryRetrieveLevel = "IMAGE"
+    ds.QueryRetrieveLevel = "SERIES" if whole else "IMAGE"
     ds.StudyInstanceUID = study
     ds.SeriesInstanceUID = series
-    ds.SOPInstanceUID = list(uids) if len(uids) > 1 else uids[0]
+    if not whole:
+        ds.SOPInstanceUID = list(uids) if len(uids) > 1 else uids[0]
     raw = encode(ds, transfer_syntax == IMPLICIT_LE, True)
     if raw is None:
         raise PacsError("failed", "cannot encode the C-MOVE identifier")
@@ -43,10 +46,14 @@ def _identifier(study: str, series: str, uids: Sequence[str], transfer_syntax: s
 
 
 def run_c_move(pacs: PacsConfig, instances: Sequence[InstanceRef], timeout: float, *,
-               deadline: float | None = None) -> tuple[dict[str, str], PacsError | None]:
+               deadline: float | None = None,
+               whole_series: Collection[tuple[str, str]] = ()
+               ) -> tuple[dict[str, str], PacsError | None]:
     """Ask the PACS to send `instances` to [pacs] move_destination_ae_title; returns
     (failed uid -> reason for the requests that ended in a failure status, the
-    association-level error if any). `deadline` (monotonic) bounds the whole exchange."""
+    association-level error if any). `deadline` (monotonic) bounds the whole exchange. A
+    series in `whole_series` (all the PACS has of it is in `instances`) is asked for with one
+    SERIES-level C-MOVE; the storage SCP refuses what nobody expects."""
     failed: dict[str, str] = {}
     groups: dict[tuple[str, str], list[str]] = {}
     for i in instances:
@@ -62,11 +69,12 @@ def run_c_move(pacs: PacsConfig, instances: Sequence[InstanceRef], timeout: floa
             message_id = 0
             with link.guard("C-MOVE"):
                 for (study, series), uids in groups.items():
-                    for batch in uid_batches(uids):
+                    whole = (study, series) in whole_series
+                    for batch in [uids] if whole else uid_batches(uids):
                         message_id += 1
                         link.send_message(1, dimse.c_move_rq(message_id, MOVE_MODEL,
                                                              pacs.move_destination_ae_title),
-                                          _identifier(study, series, batch, syntax))
+                                          _identifier(study, series, batch, syntax, whole))
                         try:
                             receive_responses(link, message_id, syntax,
                                               rsp_field=dimse.C_MOVE_RSP, what="C-MOVE",
@@ -75,7 +83,7 @@ def run_c_move(pacs: PacsConfig, instances: Sequence[InstanceRef], timeout: floa
                             if exc.kind != "failed":
                                 raise
                             for uid in batch:
-                                failed[uid] = exc.message
+                                failed[uid] = ("SERIES-level " if whole else "") + exc.message
         finally:
             if not link.closed:
                 link.release()

@@ -404,7 +404,8 @@ def _run_move(pacs: PacsConfig, job: _Job) -> _JobResult:
             from gateway.dicom.cmove import run_c_move
 
             failed, error = run_c_move(pacs, job.instances, job.timeout,
-                                       deadline=time.monotonic() + _overall(job.timeout))
+                                       deadline=time.monotonic() + _overall(job.timeout),
+                                       whole_series=job.whole_series)
             result.failed.update(failed)
             if error is not None:
                 result.error = (error.kind, error.message)
@@ -614,8 +615,8 @@ def retrieve(pacs: PacsConfig, instances: Sequence[InstanceRef],
     soon as it is in `spool` (C-GET) or at the latest before retrieve() returns; an exception
     it raises ends the wait and propagates (jobs still running finish on their own, bounded
     by `timeout`). `whole_series`: the (study, series) of which `instances` holds every
-    instance the PACS has (gateway.imaging.plan): the built-in C-GET engine fetches each
-    with one SERIES-level request, without a UID list."""
+    instance the PACS has (gateway.imaging.plan): the built-in engine fetches each (C-GET
+    or C-MOVE) with one SERIES-level request, without a UID list."""
     if method not in ("c-get", "c-move"):
         raise ValueError(f"retrieve method must be c-get or c-move, got {method!r}")
     outcome = RetrieveOutcome()
@@ -623,8 +624,8 @@ def retrieve(pacs: PacsConfig, instances: Sequence[InstanceRef],
         return outcome
     spool.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex if on_received is not None else ""
-    if method != "c-get" or getattr(pacs, "dimse_engine", "builtin") != "builtin":
-        whole_series = ()  # IMAGE level with UID lists (pynetdicom engine, C-MOVE)
+    if getattr(pacs, "dimse_engine", "builtin") != "builtin":
+        whole_series = ()  # IMAGE level with UID lists (the pynetdicom engine)
     jobs = [_Job(tuple(part), tuple(transfer_syntaxes), str(spool), method, timeout,
                  token=token, whole_series=whole_in(part, instances, whole_series))
             for part in plan_jobs(instances, transfer_syntaxes, associations, whole_series)]

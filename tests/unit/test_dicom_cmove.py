@@ -80,3 +80,27 @@ def test_an_abort_is_an_association_error() -> None:
         failed, error = cmove.run_c_move(pacs, REFS[:1], 2)
     assert errors == [] and failed == {}
     assert error is not None and error.kind == "aborted"
+
+
+def test_a_whole_series_is_asked_for_at_series_level() -> None:
+    """A series the request holds in full: one SERIES-level C-MOVE without a UID list; the
+    other series at IMAGE level; a failed SERIES-level request names its level."""
+    idents: list[bytes] = []
+
+    def script(sock: socket.socket) -> None:
+        accept(sock)
+        for status in (0xA701, 0x0000):
+            data: list[bytes] = []
+            rq, _cid = recv_message(sock, data)
+            idents.append(b"".join(data))
+            mid = command.us(rq, command.MESSAGE_ID)
+            sock.sendall(p_data(1, move_rsp(mid, status), is_command=True, last=True))
+        release(sock)
+
+    with peer(script) as (pacs, errors):
+        failed, error = cmove.run_c_move(pacs, REFS, 2, whole_series={(STUDY, SERIES)})
+    assert errors == [] and error is None
+    assert b"SERIES" in idents[0] and b"\x08\x00\x18\x00" not in idents[0]  # no UID list
+    assert b"IMAGE" in idents[1] and OTHER_SERIES.encode() in idents[1]
+    assert failed == {f"{SERIES}.{k}": "SERIES-level C-MOVE failed with status 0xA701"
+                      for k in (1, 2)}

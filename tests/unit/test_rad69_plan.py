@@ -156,7 +156,7 @@ def test_few_instances_are_looked_up_without_the_study_query(
     plan.resolve(PacsConfig(), [doc("1.1", "1.1.1", "1.1.1.1")])
     assert [level for level, _w in module.QUERIES] == ["SERIES", "IMAGE"]
     module.QUERIES.clear()
-    plan.resolve(PacsConfig(retrieve="c-move"), [doc("1.1", "1.1.1", "1.1.1.1")])
+    plan.resolve(PacsConfig(dimse_engine="pynetdicom"), [doc("1.1", "1.1.1", "1.1.1.1")])
     assert [level for level, _w in module.QUERIES] == ["IMAGE"]  # no series-level fetch
 
 
@@ -168,7 +168,8 @@ def test_whole_series_of_one_class_are_taken_without_lookup(
     """A study of one SOP class whose series the request names in full: no IMAGE-level
     C-FIND, the instances are found unverified (the SERIES-level C-GET checks them), with the
     study's class; even a wrong UID counted in (here 2.2.1.1 claimed in 1.1.1, with the
-    right number of instances). Only with the built-in C-GET engine and series_level_retrieve."""
+    right number of instances). Only with the built-in engine (C-GET or C-MOVE) and
+    series_level_retrieve."""
     module = sys.modules[__name__]
     monkeypatch.setattr(module, "STUDY_CLASSES", [CT])
     monkeypatch.setattr(module, "COUNTS", [True])
@@ -177,8 +178,7 @@ def test_whole_series_of_one_class_are_taken_without_lookup(
     docs = [doc("1.1", "1.1.1", "1.1.1.1"), doc("1.1", "1.1.1", "2.2.1.1"),
             doc("1.1", "1.1.2", "1.1.2.1")]
     res = plan.resolve(config, docs)
-    fast = (config.series_level_retrieve and config.retrieve == "c-get"
-            and config.dimse_engine == "builtin")
+    fast = config.series_level_retrieve and config.dimse_engine == "builtin"
     if fast:
         assert [level for level, _w in module.QUERIES] == ["STUDY", "SERIES"]
         assert [(r.sop_instance_uid, r.sop_class_uid) for r, _d in res.found] == [

@@ -22,9 +22,41 @@ pynetdicom engine, 500 instances: gateway 1.86-2.41 s, ratio 0.22-0.33; the buil
 (f1286bb): gateway 1.12-1.20 s, ratio 0.44-0.55; root-last (9dc6a6b): 0.79-1.08 s, ratio
 0.51-0.79.
 
-Current figures (2026-11-24, builtin engine, 3 associations, max PDU 64 KiB; another helper's
-benchmarks and tests ran at the same time, load average 2-3, so wall times are high and noisy;
-median [range] of runs 1-5, or 1-3 for 2000):
+Current figures (2026-11-24 13:35-13:45 UTC, quiet machine, builtin engine, 3 associations
+(a whole series goes over one, at SERIES level), 2 workers; --repeat 7 for 500, 4 for 2000;
+median [range]; "fastest" = the fastest gateway run against getscu's fastest):
+
+| instances | order | getscu s | gateway s | ratio | fastest | peak RSS |
+| --- | --- | --- | --- | --- | --- | --- |
+| 500, 263 MB | root-last | 0.49 [0.47-0.56] | 0.52 [0.51-0.57] | 0.96 [0.86-1.03] | 0.93 | 81 MB |
+| 500, 263 MB | root-first | 0.50 [0.46-0.63] | 0.71 [0.68-0.74] | 0.69 [0.66-0.88] | 0.68 | 82 MB |
+| 2000, 1 GB | root-last | 2.10 [1.96-5.92] | 2.36 [2.10-2.44] | 0.89 [0.80-2.82] | 0.93 | 89 MB |
+| 2000, 1 GB | root-first | 2.00 [1.87-4.35] | 2.84 [2.53-3.22] | 0.69 [0.62-1.72] | 0.74 | 90 MB |
+| 500, c-move | root-first | 0.57 [0.57-0.67] | 1.10 [1.04-1.20] | 0.52 [0.47-0.65] | 0.54 | 83 MB |
+
+CPU seconds per request, 500 instances, root-last: Orthanc 0.15-0.22, gunicorn worker
+0.20-0.23, retrieve process 0.16-0.17, client 0.36-0.39: 0.90-0.98 in all (getscu's run:
+Orthanc 0.19-0.23 + getscu 0.20-0.33). Root-first is the retrieve (0.28-0.30 s) then the
+response, never overlapping: its ratio cannot reach root-last's. C-MOVE: the PACS's
+associations to our storage SCP write one file per instance (routing by SOP Instance UID
+across worker processes) and nothing is streamed before the C-MOVE ends.
+
+What changed in the session that got there (at its start: root-last 500 0.78-1.03 s,
+1.25-1.30 CPU s; 2000 3.5-4.8 s; c-move retrieve 2.0 s):
+- TCP_QUICKACK before each receive on the DICOM link: Orthanc (DCMTK) leaves Nagle on, sends a
+  PDU header as a small segment and holds the rest until it is acknowledged; Linux delays
+  that by 40 ms. A C-FIND 43 -> 1.2 ms; one association's C-GET of 500 instances 0.65-1.46 s
+  (17-24 stalls) -> 0.32-0.43 s. getscu suffers the same stalls, hence its 0.4-1.3 s swings.
+- One spool segment per association instead of a file per instance: retrieve process CPU
+  0.24-0.28 -> 0.15-0.20 s per 500 instances (ext4 inode creation).
+- Asking the PACS less (gateway.imaging.plan): SOP Classes in Study, series counts, a whole
+  series fetched at SERIES level without the IMAGE-level C-FIND: resolution 0.10-0.13 s ->
+  0.01 s (2000: 0.35 -> 0.01-0.02 s); Orthanc CPU 0.28-0.31 -> 0.15-0.22 s.
+- Progress reports in batches: worker 0.27-0.29 -> 0.19-0.22 s (root-last, 500).
+- Client (MTOM receive): 0.50 [0.33-0.55] -> 0.35 [0.24-0.48] s.
+- C-MOVE on our own storage SCP and SCU: retrieve 2.0 s -> 0.56-0.75 s.
+
+The session before (another helper's benchmarks running, load average 2-3):
 
 | instances | order | getscu s | gateway s | ratio | peak RSS |
 | --- | --- | --- | --- | --- | --- |
@@ -33,18 +65,7 @@ median [range] of runs 1-5, or 1-3 for 2000):
 | 2000, 1050 MB | root-first | 2.59 [2.07-5.89] | 5.61 [5.34-7.32] | 0.46 [0.39-0.81] | 94 MB |
 | 2000, 1050 MB | root-last | 2.32 [2.03-2.35] | 4.65 [3.81-5.44] | 0.51 [0.43-0.53] | 94 MB |
 
-(the 0.81 is run 1, getscu cold at 5.89 s). In a quieter moment of the same session,
-root-last 500: gateway 0.86-1.01 s, ratio 0.59-1.01 (the high ratios against slow getscu runs
-of 0.71-0.87 s).
-
-Where the CPU goes (--cpu, 500 instances, CPU seconds per request, median of 5): getscu run:
-Orthanc 0.19-0.23, getscu 0.33. Gateway run, root-last: Orthanc 0.30, gunicorn worker 0.31,
-retrieve pool 0.40 (3 processes), client 0.53: 1.5 CPU s in about 1 s wall on 2 cores, so the
-ratio is CPU-bound. Root-first: worker 0.24, pool 0.36, client 0.53. 2000 instances: Orthanc
-1.6-1.8 (getscu run 0.7-1.1), worker 1.0 (root-first) / 1.2 (root-last), pool 0.9 / 1.6,
-client 1.9-2.9.
-
-What was measured to get there (tools: /proc CPU counters, perf, strace -c, cProfile):
+What the session before measured (tools: /proc CPU counters, perf, strace -c, cProfile):
 - The engine is at the kernel's floor: per 263 MB it spends 0.25-0.35 CPU s, as much as
   getscu (0.30-0.38), about 90% in the kernel (perf): ext4 inode creation 28% (this machine's
   ext4 has no journal, and then every create skips the inodes deleted in the last minute,

@@ -9,8 +9,10 @@ we asked for is written as it arrives, fragment by fragment, behind the same Par
 pynetdicom writes (preamble, file meta of the command's SOP class/instance and the context's
 transfer syntax); on its last fragment `on_stored(uid, path, transfer syntax, size, offset)` is
 called and C-STORE-RSP 0x0000 sent; an instance we did not ask for is discarded and refused
-(0xA900). A group whose final C-GET status is a failure is retried instance by instance, as the
-pynetdicom engine does.
+(0xA900; "asked for" is per C-GET: the UIDs of that request). A group whose final C-GET
+status is a failure is retried instance by instance, as the pynetdicom engine does; a failed
+SERIES-level C-GET is not (its instances may not have been looked up): the caller retries it
+at IMAGE level (gateway.imaging.rad69.gather).
 
 One spool file per association (a "segment", `<name>.seg`): each instance is a byte range of
 it, appended in arrival order (once the segment has been removed with its spool folder, the
@@ -178,6 +180,9 @@ class CGetSession:
         `uids`) and receive until its final response; returns its status."""
         self._message_id = self._message_id % 0xFFFF + 1
         self._final = None
+        # Only what this request asked for (a SERIES-level C-GET brings the whole series,
+        # and an instance requested under another series must not be taken from it).
+        self.wanted = set(uids)
         link = self.link
         with link.guard("C-GET"):
             link.send_message(self.get_context, dimse.c_get_rq(self._message_id, GET_MODEL),

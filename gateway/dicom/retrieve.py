@@ -661,7 +661,8 @@ def retrieve(pacs: PacsConfig, instances: Sequence[InstanceRef],
             try:
                 results.append(f.result())
             except Exception as exc:  # a crashed pool process
-                results.append(_JobResult(error=("failed", f"retrieve process failed: {exc}")))
+                results.append(_JobResult(error=("aborted",
+                                                 f"retrieve process failed: {exc}")))
     finally:
         _LISTENERS.pop(token, None)
         if tpool is not None:

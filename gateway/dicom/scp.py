@@ -278,8 +278,8 @@ class StorageSCP:
                 conn, peer = listener.accept()
             except TimeoutError:
                 continue
-            except OSError:
-                if self._stop.is_set():
+            except OSError:  # e.g. out of file descriptors: not a busy loop
+                if self._stop.wait(0.1):
                     return
                 continue
             if not self._slots.acquire(blocking=False):

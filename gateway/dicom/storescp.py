@@ -65,7 +65,8 @@ def _targets(root: Path, name: str) -> list[Path]:
         targets = [Path(os.readlink(entry)) for entry in (root / "expect" / name).iterdir()]
     except OSError:
         return []
-    return [t for t in targets if t.is_dir()]
+    # Two jobs of one request expect the same instance in the same folder: one copy.
+    return list(dict.fromkeys(t for t in targets if t.is_dir()))
 
 
 def is_expected(root: Path, sop_instance_uid: str) -> bool:
@@ -168,7 +169,7 @@ def expect(pacs: PacsConfig, spool: Path, sop_instance_uids: Iterable[str]) -> I
     token = uuid.uuid4().hex
     links: list[Path] = []
     try:
-        for uid in sop_instance_uids:
+        for uid in dict.fromkeys(sop_instance_uids):  # a UID listed twice: one link
             folder = root / "expect" / _safe_name(uid)
             link = folder / token
             for _ in range(5):  # a concurrent request may remove an emptied folder

@@ -227,8 +227,10 @@ class LiveRetrieve:
         self._outcome: RetrieveOutcome | None = None
         self._failure: str | None = None
         self._abandoned = threading.Event()
-        # The retrieve's own whole-request bound (gateway.dicom.retrieve), plus a margin.
-        self._bound = float(pacs.timeout_seconds) * 4 + 30 + 15
+        # Two retrieves at most (gather), each within its own whole-request bound
+        # (gateway.dicom.retrieve), a lookup between them, plus a margin.
+        timeout = float(pacs.timeout_seconds)
+        self._bound = 2 * (timeout * 4 + 30) + timeout + 15
         self._started = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="rad69-retrieve", daemon=True)
         self._thread.start()
@@ -237,7 +239,8 @@ class LiveRetrieve:
         try:
             self._outcome, self._explained = gather(self._pacs, self._resolution,
                                                     self._syntaxes, self._spool,
-                                                    on_received=self._queue.put)
+                                                    on_received=self._queue.put,
+                                                    cancelled=self._abandoned.is_set)
         except Exception as exc:
             log.warning("RAD-69: retrieve from the PACS failed: %s", type(exc).__name__)
             log.debug("retrieve failure", exc_info=True)
@@ -364,14 +367,18 @@ def fetch(services: Services, resolution: Resolution, syntaxes: tuple[str, ...],
 
 
 def gather(pacs: PacsConfig, resolution: Resolution, syntaxes: tuple[str, ...], spool: Path,
-           *, on_received: Callable[[Received], None] | None = None
+           *, on_received: Callable[[Received], None] | None = None,
+           cancelled: Callable[[], bool] = lambda: False
            ) -> tuple[RetrieveOutcome, dict[str | None, list[XdsError]]]:
     """Retrieve what `resolution` found into `spool` (`on_received` as for
-    gateway.dicom.retrieve.retrieve). Documents taken without looking them up (a whole series,
-    gateway.imaging.plan) that did not come while the PACS answered normally (the PACS refused
-    the SERIES-level C-GET, an instance of a SOP class it did not list, a wrong identifier) are
-    then looked up one by one: those where the request says are fetched again at IMAGE level,
-    the others get the errors of their identifiers (second item, by SOP Instance UID)."""
+    gateway.dicom.retrieve.retrieve), in at most two rounds. After the first, while the PACS
+    answered normally and `cancelled()` is false: instances of whole series fetched at
+    SERIES level that did not come are fetched again at IMAGE level (a PACS that refuses the
+    level, or fails the whole request for one instance it cannot convert; gateway.dicom.cget
+    retries instance by instance from there); those taken without looking them up
+    (gateway.imaging.plan) are looked up first: only those where the request says are
+    fetched again, the others get the errors of their identifiers (second item, by SOP
+    Instance UID; a lookup that fails gives them a processing failure)."""
     from gateway.dicom.retrieve import retrieve
 
     def fetch_refs(refs: list[InstanceRef], whole: set[tuple[str, str]]) -> RetrieveOutcome:
@@ -384,26 +391,40 @@ def gather(pacs: PacsConfig, resolution: Resolution, syntaxes: tuple[str, ...], 
 
     outcome = fetch_refs([ref for ref, _doc in resolution.found], resolution.whole_series)
     explained: dict[str | None, list[XdsError]] = {}
-    lost = [doc for ref, doc in resolution.found
-            if ref.sop_instance_uid in resolution.unverified
-            and ref.sop_instance_uid not in outcome.received]
-    if not lost or outcome.error is not None:  # a failing PACS is not asked any more
+    if outcome.error is not None or cancelled():  # a failing PACS is not asked any more
         return outcome, explained
-    log.info("RAD-69: %d instance(s) of whole series did not come; looking them up", len(lost))
-    try:
-        check = explain(pacs, lost)
-    except PacsError as exc:
-        log.warning("RAD-69: could not look up instances that did not come: %s", exc)
-        return outcome, explained
-    for err in check.errors:
-        explained.setdefault(err.location, []).append(err)
-    if check.found:
-        again = fetch_refs([ref for ref, _doc in check.found], set())
-        outcome.received.update(again.received)
-        for uid in again.received:
+    again: dict[str, InstanceRef] = {}
+    lost: dict[str, ImagingDocumentRequest] = {}  # unverified, by UID (listed once)
+    for ref, doc in resolution.found:
+        uid = ref.sop_instance_uid
+        if uid in outcome.received:
+            continue
+        if uid in resolution.unverified:
+            lost.setdefault(uid, doc)
+        elif ((ref.study_uid, ref.series_uid) in resolution.whole_series
+              and outcome.missing.get(uid, "").startswith("SERIES-level")):
+            again[uid] = ref
+    if lost:
+        log.info("RAD-69: %d instance(s) of whole series did not come; looking them up",
+                 len(lost))
+        try:
+            check = explain(pacs, list(lost.values()))
+        except PacsError as exc:
+            log.warning("RAD-69: could not look up instances that did not come: %s", exc)
+            for uid, doc in lost.items():
+                explained[uid] = [_doc_error(Wado.PROCESSING_FAILURE,
+                                             f"retrieve from the PACS failed: {exc}", doc)]
+        else:
+            for err in check.errors:
+                explained.setdefault(err.location, []).append(err)
+            again.update((ref.sop_instance_uid, ref) for ref, _doc in check.found)
+    if again and not cancelled():
+        second = fetch_refs(list(again.values()), set())
+        outcome.received.update(second.received)
+        for uid in second.received:
             outcome.missing.pop(uid, None)
-        outcome.missing.update(again.missing)
-        outcome.error = outcome.error or again.error
+        outcome.missing.update(second.missing)
+        outcome.error = outcome.error or second.error
     return outcome, explained
 
 

@@ -519,3 +519,28 @@ def test_a_failed_series_level_c_get_is_not_retried_here(tmp_path: Path) -> None
     assert errors == [] and error is None and requests == [1]
     assert got == ["1.2.9.1.1"]
     assert failed == {"1.2.9.1.2": "SERIES-level C-GET failed with status 0xC000"}
+
+
+def test_each_c_get_accepts_only_its_own_instances(tmp_path: Path) -> None:
+    """An instance the job wants, but for another series, sent during a series' SERIES-level
+    C-GET is refused there (the request may have put it under the wrong series); it is taken
+    when its own C-GET sends it."""
+    other = InstanceRef(STUDY, SERIES + ".9", "1.2.9.9.1", CT)
+    statuses: list[int] = []
+
+    def script(sock: socket.socket) -> None:
+        accept(sock)
+        for uid in ("1.2.9.9.1", "1.2.9.9.1"):  # during the series' C-GET, then its own
+            rq, _ = recv_message(sock)
+            statuses.append(send_instance(sock, 400 + len(statuses), uid))
+            sock.sendall(p_data(1, get_rsp(command.us(rq, command.MESSAGE_ID), 0xB000),
+                                is_command=True, last=True))
+        release(sock)
+
+    got: list[str] = []
+    with peer(script) as (pacs, errors):
+        _failed, error = run_c_get(pacs, [*REFS, other], [EXPLICIT_LE], tmp_path, 5,
+                                   lambda u, *_a: got.append(u),
+                                   whole_series={(STUDY, SERIES)})
+    assert errors == [] and error is None
+    assert statuses == [0xA900, 0x0000] and got == ["1.2.9.9.1"]

@@ -168,8 +168,9 @@ def test_whole_series_of_one_class_are_taken_without_lookup(
     """A study of one SOP class whose series the request names in full: no IMAGE-level
     C-FIND, the instances are found unverified (the SERIES-level C-GET checks them), with the
     study's class; even a wrong UID counted in (here 2.2.1.1 claimed in 1.1.1, with the
-    right number of instances). Only with the built-in engine (C-GET or C-MOVE) and
-    series_level_retrieve."""
+    right number of instances). Only with the built-in engine's C-GET and
+    series_level_retrieve (a C-MOVE's storage SCP would hand an instance to whoever expects
+    it)."""
     module = sys.modules[__name__]
     monkeypatch.setattr(module, "STUDY_CLASSES", [CT])
     monkeypatch.setattr(module, "COUNTS", [True])
@@ -178,7 +179,8 @@ def test_whole_series_of_one_class_are_taken_without_lookup(
     docs = [doc("1.1", "1.1.1", "1.1.1.1"), doc("1.1", "1.1.1", "2.2.1.1"),
             doc("1.1", "1.1.2", "1.1.2.1")]
     res = plan.resolve(config, docs)
-    fast = config.series_level_retrieve and config.dimse_engine == "builtin"
+    series_level = config.series_level_retrieve and config.dimse_engine == "builtin"
+    fast = series_level and config.retrieve == "c-get"  # C-MOVE: every instance looked up
     if fast:
         assert [level for level, _w in module.QUERIES] == ["STUDY", "SERIES"]
         assert [(r.sop_instance_uid, r.sop_class_uid) for r, _d in res.found] == [
@@ -191,10 +193,13 @@ def test_whole_series_of_one_class_are_taken_without_lookup(
         assert later.found == [] and [e.code for e in later.errors] == [
             Wado.INCONSISTENT, "XDSMissingDocument"]
     else:
-        # No series counts: the study's classes, the instances, then (for the stray one)
-        # which series exist and where the instance is.
-        assert [level for level, _w in module.QUERIES] == ["STUDY", "IMAGE", "SERIES", "IMAGE"]
-        assert res.unverified == set() and res.whole_series == set()
+        # The study's classes, the series counts if a whole series may be fetched at SERIES
+        # level, the instances, then (for the stray one) which series exist and where it is.
+        assert [level for level, _w in module.QUERIES] == (
+            ["STUDY"] + ["SERIES"] * series_level + ["IMAGE", "SERIES", "IMAGE"])
+        assert res.unverified == set()
+        # Looked up: 1.1.2 is found whole, 1.1.1 not (2.2.1.1 is not in it).
+        assert res.whole_series == ({("1.1", "1.1.2")} if series_level else set())
         assert [r.sop_instance_uid for r, _d in res.found] == ["1.1.1.1", "1.1.2.1"]
         assert codes_for(res, "2.2.1.1") == [Wado.INCONSISTENT, "XDSMissingDocument"]
 

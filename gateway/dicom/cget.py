@@ -107,9 +107,10 @@ def uid_batches(uids: Sequence[str], limit: int = MAX_UID_LIST_BYTES) -> list[li
     return batches
 
 
-def _identifier(study: str, series: str, uids: Sequence[str], transfer_syntax: str,
-                whole: bool = False) -> bytes:
-    """The C-GET identifier: IMAGE level with the UID list, or SERIES level (`whole`)."""
+def retrieve_identifier(study: str, series: str, uids: Sequence[str], transfer_syntax: str,
+                        whole: bool = False, what: str = "C-GET") -> bytes:
+    """The identifier of a C-GET or C-MOVE (`what`): IMAGE level with the UID list, or
+    SERIES level (`whole`), encoded in `transfer_syntax`."""
     from pynetdicom.dsutils import encode
 
     ds = Dataset()
@@ -120,7 +121,7 @@ def _identifier(study: str, series: str, uids: Sequence[str], transfer_syntax: s
         ds.SOPInstanceUID = list(uids) if len(uids) > 1 else uids[0]
     raw = encode(ds, transfer_syntax == IMPLICIT_LE, True)
     if raw is None:
-        raise PacsError("failed", "cannot encode the C-GET identifier")
+        raise PacsError("failed", f"cannot encode the {what} identifier")
     return raw
 
 
@@ -186,7 +187,7 @@ class CGetSession:
         link = self.link
         with link.guard("C-GET"):
             link.send_message(self.get_context, dimse.c_get_rq(self._message_id, GET_MODEL),
-                              _identifier(study, series, uids, self.get_syntax, whole))
+                              retrieve_identifier(study, series, uids, self.get_syntax, whole))
             try:
                 while self._final is None:
                     pdu_type, length = link.pdu_header()

@@ -10,11 +10,9 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING
 
-from pydicom import Dataset
-
 from gateway.config import PacsConfig
 from gateway.dicom.cfind import receive_responses
-from gateway.dicom.cget import uid_batches
+from gateway.dicom.cget import retrieve_identifier, uid_batches
 from gateway.dicom.errors import PacsError
 from gateway.dicom.ul import command as dimse
 from gateway.dicom.ul.link import open_link
@@ -27,22 +25,6 @@ MOVE_MODEL = "1.2.840.10008.5.1.4.1.2.2.2"  # Study Root Q/R Information Model -
 # Success, and "sub-operations complete, one or more failures" (the instances that did not
 # arrive are found missing by the caller).
 MOVE_OK = frozenset({0x0000, 0xB000})
-
-
-def _identifier(study: str, series: str, uids: Sequence[str], transfer_syntax: str,
-                whole: bool = False) -> bytes:
-    from pynetdicom.dsutils import encode
-
-    ds = Dataset()
-    ds.QueryRetrieveLevel = "SERIES" if whole else "IMAGE"
-    ds.StudyInstanceUID = study
-    ds.SeriesInstanceUID = series
-    if not whole:
-        ds.SOPInstanceUID = list(uids) if len(uids) > 1 else uids[0]
-    raw = encode(ds, transfer_syntax == IMPLICIT_LE, True)
-    if raw is None:
-        raise PacsError("failed", "cannot encode the C-MOVE identifier")
-    return raw
 
 
 def run_c_move(pacs: PacsConfig, instances: Sequence[InstanceRef], timeout: float, *,
@@ -72,9 +54,11 @@ def run_c_move(pacs: PacsConfig, instances: Sequence[InstanceRef], timeout: floa
                     whole = (study, series) in whole_series
                     for batch in [uids] if whole else uid_batches(uids):
                         message_id += 1
-                        link.send_message(1, dimse.c_move_rq(message_id, MOVE_MODEL,
-                                                             pacs.move_destination_ae_title),
-                                          _identifier(study, series, batch, syntax, whole))
+                        rq = dimse.c_move_rq(message_id, MOVE_MODEL,
+                                             pacs.move_destination_ae_title)
+                        identifier = retrieve_identifier(study, series, batch, syntax, whole,
+                                                         "C-MOVE")
+                        link.send_message(1, rq, identifier)
                         try:
                             receive_responses(link, message_id, syntax,
                                               rsp_field=dimse.C_MOVE_RSP, what="C-MOVE",

@@ -164,17 +164,7 @@ def _init_pool_process(reports: SimpleQueue[Any] | None) -> None:
 
 def _report(token: str, rec: Received) -> None:
     """Tell the retrieve() call `token` that `rec` is in place (best effort, never raises)."""
-    if not token:
-        return
-    try:
-        if _REPORTS is not None:
-            _REPORTS.put((token, rec))
-        else:
-            listener = _LISTENERS.get(token)
-            if listener is not None:
-                listener.put(rec)
-    except Exception as exc:  # a report is an optimisation: the job result still counts
-        log.warning("retrieve progress report lost: %s", type(exc).__name__)
+    _report_many(token, [rec])
 
 
 class _Batcher:
@@ -216,7 +206,8 @@ class _Batcher:
 
 
 def _report_many(token: str, recs: list[Received]) -> None:
-    """`_report` for several instances at once (one message)."""
+    """Tell the retrieve() call `token` that `recs` are in place, in one message (best
+    effort, never raises)."""
     if not token or not recs:
         return
     try:

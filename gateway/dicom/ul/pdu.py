@@ -171,18 +171,7 @@ def decode_associate_ac(body: bytes, proposed: Sequence[ProposedContext]
                                    "not propose")
                 contexts[cid] = syntaxes[0]
         elif item_type == 0x50:
-            for sub_type, sub in iter_items(item):
-                if sub_type == 0x51:
-                    if len(sub) != 4:
-                        raise PduError("maximum length sub-item must be 4 bytes")
-                    (max_pdu,) = struct.unpack(">I", sub)
-                elif sub_type == 0x54:
-                    if len(sub) < 2:
-                        raise PduError("role selection sub-item too short")
-                    (n,) = struct.unpack_from(">H", sub)
-                    if len(sub) != n + 4:
-                        raise PduError("role selection sub-item length mismatch")
-                    roles[_text(sub[2:2 + n])] = (bool(sub[2 + n]), bool(sub[3 + n]))
+            max_pdu, _uid, _version = _user_information(item, roles)
     return AcceptedAssociation(contexts, max_pdu, roles)
 
 
@@ -241,13 +230,29 @@ class AssociateRequest:
     protocol_version: int = 1
 
 
-def _roles(sub: memoryview, roles: dict[str, tuple[bool, bool]]) -> None:
-    if len(sub) < 2:
-        raise PduError("role selection sub-item too short")
-    (n,) = struct.unpack_from(">H", sub)
-    if len(sub) != n + 4:
-        raise PduError("role selection sub-item length mismatch")
-    roles[_text(sub[2:2 + n])] = (bool(sub[2 + n]), bool(sub[3 + n]))
+def _user_information(item: memoryview, roles: dict[str, tuple[bool, bool]]
+                      ) -> tuple[int, str, str]:
+    """A user information item (0x50) of an A-ASSOCIATE-RQ or -AC: (maximum length,
+    implementation class UID, implementation version name); SCP/SCU role selection
+    sub-items go into `roles` (SOP class -> (SCU, SCP))."""
+    max_pdu, impl_uid, impl_version = 0, "", ""
+    for sub_type, sub in iter_items(item):
+        if sub_type == 0x51:
+            if len(sub) != 4:
+                raise PduError("maximum length sub-item must be 4 bytes")
+            (max_pdu,) = struct.unpack(">I", sub)
+        elif sub_type == 0x52:
+            impl_uid = _text(sub)
+        elif sub_type == 0x54:
+            if len(sub) < 2:
+                raise PduError("role selection sub-item too short")
+            (n,) = struct.unpack_from(">H", sub)
+            if len(sub) != n + 4:
+                raise PduError("role selection sub-item length mismatch")
+            roles[_text(sub[2:2 + n])] = (bool(sub[2 + n]), bool(sub[3 + n]))
+        elif sub_type == 0x55:
+            impl_version = _text(sub)
+    return max_pdu, impl_uid, impl_version
 
 
 def decode_associate_rq(body: bytes) -> AssociateRequest:
@@ -290,17 +295,7 @@ def decode_associate_rq(body: bytes) -> AssociateRequest:
                 raise PduError(f"context {cid} has no abstract syntax")
             contexts.append(ProposedContext(cid, abstract, tuple(s for s in syntaxes if s)))
         elif item_type == 0x50:
-            for sub_type, sub in iter_items(item):
-                if sub_type == 0x51:
-                    if len(sub) != 4:
-                        raise PduError("maximum length sub-item must be 4 bytes")
-                    (max_pdu,) = struct.unpack(">I", sub)
-                elif sub_type == 0x52:
-                    impl_uid = _text(sub)
-                elif sub_type == 0x54:
-                    _roles(sub, roles)
-                elif sub_type == 0x55:
-                    impl_version = _text(sub)
+            max_pdu, impl_uid, impl_version = _user_information(item, roles)
     if app_context is None:
         raise PduError("A-ASSOCIATE-RQ without an application context")
     return AssociateRequest(called, calling, app_context, tuple(contexts), max_pdu, impl_uid,
